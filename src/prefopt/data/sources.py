@@ -1,0 +1,178 @@
+"""Read rows from wherever the user keeps them, remembering each row's position for error messages.
+
+JSONL and CSV rows are numbered by their line in the file (what an editor shows); JSON, Parquet
+and ``datasets`` rows by their 1-based position.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from prefopt.errors import DataError, PrefoptError
+
+
+@dataclass
+class RawRows:
+    source: str  # the path or dataset id, as the user wrote it
+    row_label: str  # "line" or "row"
+    rows: list[tuple[int, dict[str, Any]]]  # (row number, row)
+
+    def __iter__(self) -> Iterator[tuple[int, dict[str, Any]]]:
+        return iter(self.rows)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+
+def read_rows(spec: str, split: str = "train") -> RawRows:
+    path = Path(spec)
+    if path.is_dir():
+        return _read_saved_dataset(spec, path, split)
+    if path.is_file():
+        suffix = "".join(path.suffixes[-1:]).lower()
+        reader = {".jsonl": _read_jsonl, ".ndjson": _read_jsonl, ".json": _read_json, ".csv": _read_csv,
+                  ".tsv": _read_csv, ".parquet": _read_parquet}.get(suffix)
+        if reader is None:
+            raise PrefoptError(
+                f"{spec}: unsupported file type {suffix or '(none)'}; use .jsonl, .json, .parquet or .csv"
+            )
+        return reader(spec, path)
+    if path.suffix or spec.startswith((".", "/", "~")):
+        raise PrefoptError(f"dataset not found: {spec}")
+    return _read_hub_dataset(spec, split)  # a hub id such as "org/name" (needs network)
+
+
+def _decode_lines(spec: str, path: Path) -> Iterator[tuple[int, str]]:
+    with path.open("rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            try:
+                yield lineno, raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(spec, lineno, None, f"not valid UTF-8 (byte {e.start})", "line") from None
+
+
+def _read_jsonl(spec: str, path: Path) -> RawRows:
+    rows = []
+    for lineno, line in _decode_lines(spec, path):
+        if lineno == 1:
+            line = line.lstrip("\ufeff")
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(spec, lineno, None, f"malformed JSON ({e.msg} at column {e.colno})", "line") from None
+        if not isinstance(obj, dict):
+            raise DataError(spec, lineno, None, f"expected a JSON object, got {type(obj).__name__}", "line")
+        rows.append((lineno, obj))
+    return RawRows(spec, "line", rows)
+
+
+def _read_json(spec: str, path: Path) -> RawRows:
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise DataError(spec, None, None, f"not valid UTF-8 (byte {e.start})") from None
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(spec, e.lineno, None, f"malformed JSON ({e.msg} at column {e.colno})", "line") from None
+    if isinstance(obj, dict):
+        if isinstance(obj.get("data"), list):
+            obj = obj["data"]
+        elif obj and all(isinstance(v, dict) and "responses" in v for v in obj.values()):
+            # {prompt: {"responses": [...], "rewards"|"scores": [...]}}: the TL;DR file's shape.
+            obj = [{"prompt": k, **v} for k, v in obj.items()]
+        else:
+            raise DataError(spec, None, None, "expected a list of objects (or {'data': [...]})")
+    if not isinstance(obj, list):
+        raise DataError(spec, None, None, f"expected a list of objects, got {type(obj).__name__}")
+    rows = []
+    for i, item in enumerate(obj, start=1):
+        if not isinstance(item, dict):
+            raise DataError(spec, i, None, f"expected a JSON object, got {type(item).__name__}")
+        rows.append((i, item))
+    return RawRows(spec, "row", rows)
+
+
+def _read_csv(spec: str, path: Path) -> RawRows:
+    delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = path.read_bytes()[: e.start].count(b"\n") + 1
+        raise DataError(spec, line, None, f"not valid UTF-8 (byte {e.start})", "line") from None
+    reader = csv.DictReader(text.splitlines(keepends=True), delimiter=delimiter)
+    rows = []
+    try:
+        start = 2
+        for row in reader:
+            end = reader.line_num
+            if None in row:
+                raise DataError(spec, start, None, "more values than header columns", "line")
+            missing = [k for k, v in row.items() if v is None]
+            if missing:
+                raise DataError(spec, start, missing[0], "row has fewer values than the header", "line")
+            rows.append((start, {k: _csv_value(v) for k, v in row.items()}))
+            start = end + 1
+    except csv.Error as e:
+        raise DataError(spec, reader.line_num, None, f"malformed CSV ({e})", "line") from None
+    return RawRows(spec, "line", rows)
+
+
+def _csv_value(value: str) -> Any:
+    """CSV cells are strings; numbers stay strings here and are parsed where a number is expected.
+    A cell holding a JSON list (the rated format's `responses`/`scores`) is decoded."""
+    stripped = value.strip()
+    if stripped.startswith("[") and stripped.endswith("]"):
+        try:
+            return json.loads(stripped)
+        except json.JSONDecodeError:
+            return value
+    return value
+
+
+def _read_parquet(spec: str, path: Path) -> RawRows:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except Exception as e:  # pyarrow raises several types for a damaged file
+        raise DataError(spec, None, None, f"cannot read Parquet: {e}") from None
+    return RawRows(spec, "row", [(i, _plain(r)) for i, r in enumerate(table.to_pylist(), start=1)])
+
+
+def _plain(row: dict[str, Any]) -> dict[str, Any]:
+    return {k: (v if not (isinstance(v, float) and math.isnan(v)) else float("nan")) for k, v in row.items()}
+
+
+def _read_saved_dataset(spec: str, path: Path, split: str) -> RawRows:
+    try:
+        import datasets
+    except ImportError:  # pragma: no cover - datasets is a dependency
+        raise PrefoptError("reading a dataset directory needs the `datasets` package") from None
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except Exception as e:
+        raise PrefoptError(f"{spec}: not a dataset saved with save_to_disk ({e})") from None
+    if isinstance(ds, datasets.DatasetDict):
+        if split not in ds:
+            raise PrefoptError(f"{spec}: no split {split!r}; it has {', '.join(ds.keys())}")
+        ds = ds[split]
+    return RawRows(spec, "row", [(i, dict(r)) for i, r in enumerate(ds, start=1)])
+
+
+def _read_hub_dataset(spec: str, split: str) -> RawRows:
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(spec, split=split)
+    except Exception as e:
+        raise PrefoptError(f"dataset not found or not loadable: {spec} ({type(e).__name__}: {e})") from None
+    return RawRows(spec, "row", [(i, dict(r)) for i, r in enumerate(ds, start=1)])

@@ -1,0 +1,28 @@
+"""One error family for everything a user can get wrong.
+
+The CLI turns a `PrefoptError` into one line on stderr and exit status 2; anything else is a bug in
+prefopt and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class PrefoptError(Exception):
+    """A problem with the user's input (data, configuration, paths), not with prefopt."""
+
+
+class ConfigError(PrefoptError):
+    """An unknown, mistyped or inconsistent configuration key or value."""
+
+
+class DataError(PrefoptError):
+    """A bad row in a data file. The message names the file, the row and the field."""
+
+    def __init__(self, source: str, row: int | None, field: str | None, problem: str, row_label: str = "row"):
+        self.source, self.row, self.field, self.problem = source, row, field, problem
+        parts = [str(source)]
+        if row is not None:
+            parts.append(f"{row_label} {row}")
+        if field is not None:
+            parts.append(f"field '{field}'")
+        super().__init__(", ".join(parts) + f": {problem}")

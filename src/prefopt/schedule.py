@@ -1,0 +1,47 @@
+"""Learning-rate schedules and optimizers, as small pure pieces the training loop composes."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def lr_multiplier(step: int, *, kind: str, warmup_steps: int, total_steps: int) -> float:
+    """Multiplier of the peak learning rate used for optimizer step ``step`` (0-based).
+
+    Linear warm-up from 0 over ``warmup_steps``, then ``constant``, ``linear`` decay to 0 or
+    ``cosine`` decay to 0 at ``total_steps``.
+    """
+    if step < warmup_steps:
+        return step / max(1, warmup_steps)
+    if kind == "constant":
+        return 1.0
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    progress = min(max(progress, 0.0), 1.0)
+    if kind == "linear":
+        return 1.0 - progress
+    if kind == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    raise ValueError(f"unknown lr_scheduler_type {kind!r}")
+
+
+def build_optimizer(cfg, params) -> torch.optim.Optimizer:
+    params = [p for p in params if p.requires_grad]
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(
+            params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon,
+            weight_decay=cfg.weight_decay,
+        )
+    if cfg.optimizer == "rmsprop":
+        return torch.optim.RMSprop(params, lr=cfg.learning_rate, eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay)
+    raise ValueError(f"unknown optimizer {cfg.optimizer!r}")
+
+
+def build_scheduler(cfg, optimizer, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda step: lr_multiplier(
+            step, kind=cfg.lr_scheduler_type, warmup_steps=cfg.warmup_steps, total_steps=total_steps
+        ),
+    )

@@ -1,0 +1,320 @@
+"""The one training loop. It knows nothing of losses: an *objective* turns a batch into per-pair
+losses and per-pair metrics, and the loop does the rest (batching, accumulation, clipping,
+schedule, logging, evaluation, checkpoints) on top of Hugging Face Accelerate.
+
+The data order is a pure function of ``(seed, epoch)``: a global micro-batch is a slice of a seeded
+permutation, and each process takes its own shard of it. Training position is therefore fully
+described by the optimizer step, which is what makes checkpoints resumable.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import shutil
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from prefopt.metrics import MetricsLogger
+from prefopt.schedule import build_optimizer, build_scheduler
+
+Objective = Callable[[torch.nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+"""``objective(model, batch) -> (losses [B], metrics {name: [B]})``: per-pair values."""
+
+
+@dataclass
+class Schedule:
+    """Which examples make up each micro-batch, for every process. Pure arithmetic."""
+
+    num_examples: int
+    per_device_batch_size: int
+    num_processes: int
+    accumulation: int
+    seed: int
+    shuffle: bool
+
+    @property
+    def global_micro_batch(self) -> int:
+        return self.per_device_batch_size * self.num_processes
+
+    @property
+    def micro_batches_per_epoch(self) -> int:
+        if self.num_processes == 1:
+            return math.ceil(self.num_examples / self.global_micro_batch)
+        # Several processes: every rank needs a full shard, so a ragged tail is dropped.
+        return self.num_examples // self.global_micro_batch
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return max(1, math.ceil(self.micro_batches_per_epoch / self.accumulation))
+
+    def order(self, epoch: int) -> list[int]:
+        if not self.shuffle:
+            return list(range(self.num_examples))
+        g = torch.Generator().manual_seed(self.seed + epoch)
+        return torch.randperm(self.num_examples, generator=g).tolist()
+
+    def step_micro_batches(self, step: int) -> list[list[int]]:
+        """The global micro-batches (lists of example indices) of optimizer step ``step``."""
+        epoch, step_in_epoch = divmod(step, self.steps_per_epoch)
+        order = self.order(epoch)
+        first = step_in_epoch * self.accumulation
+        last = min(first + self.accumulation, self.micro_batches_per_epoch)
+        g = self.global_micro_batch
+        return [order[m * g : (m + 1) * g] for m in range(first, last)]
+
+    def shard(self, micro_batch: list[int], rank: int) -> list[int]:
+        if self.num_processes == 1:
+            return micro_batch
+        b = self.per_device_batch_size
+        return micro_batch[rank * b : (rank + 1) * b]
+
+
+def total_steps(cfg, schedule: Schedule) -> int:
+    if cfg.max_steps > 0:
+        return cfg.max_steps
+    return max(1, math.ceil(schedule.steps_per_epoch * cfg.num_train_epochs))
+
+
+def to_device(batch: dict[str, Any], device) -> dict[str, Any]:
+    return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+
+
+class Trainer:
+    def __init__(
+        self,
+        cfg,
+        *,
+        model: torch.nn.Module,
+        train_data: Sequence,
+        collator: Callable[[list], dict[str, torch.Tensor]],
+        objective: Objective,
+        eval_data: Sequence | None = None,
+        save_model: Callable[[torch.nn.Module, Path], None] | None = None,
+        accelerator=None,
+        extra_modules: Sequence[torch.nn.Module] = (),
+    ):
+        from accelerate import Accelerator
+
+        self.cfg = cfg
+        self.accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
+        self.train_data, self.eval_data = train_data, eval_data
+        self.collator, self.objective = collator, objective
+        self.save_model_fn = save_model
+        acc = self.accelerator
+        self.schedule = Schedule(
+            len(train_data), cfg.per_device_train_batch_size, acc.num_processes,
+            cfg.gradient_accumulation_steps, cfg.seed, cfg.shuffle,
+        )
+        if self.schedule.micro_batches_per_epoch == 0:
+            from prefopt.errors import PrefoptError
+
+            raise PrefoptError(
+                f"{len(train_data)} training pairs cannot fill one batch of "
+                f"{self.schedule.global_micro_batch} across {acc.num_processes} processes"
+            )
+        self.total_steps = total_steps(cfg, self.schedule)
+        optimizer = build_optimizer(cfg, model.parameters())
+        scheduler = build_scheduler(cfg, optimizer, self.total_steps)
+        self.model, self.optimizer = acc.prepare(model, optimizer)
+        self.scheduler = scheduler
+        for module in extra_modules:
+            module.to(acc.device)
+        self.output_dir = Path(cfg.output_dir)
+        self.logger = MetricsLogger(self.output_dir, report_to=cfg.report_to, enabled=acc.is_main_process)
+        self.step = 0
+
+    # ------------------------------------------------------------------ running a batch
+    def _forward(self, indices: list[int], data: Sequence) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
+        batch = to_device(self.collator([data[i] for i in indices]), self.accelerator.device)
+        losses, metrics = self.objective(self.model, batch)
+        return losses, metrics, int(batch["num_tokens"])
+
+    def _reduce_sums(self, sums: dict[str, float], counts: float) -> tuple[dict[str, float], float]:
+        keys = sorted(sums)
+        packed = torch.tensor([sums[k] for k in keys] + [counts], dtype=torch.float64, device=self.accelerator.device)
+        if self.accelerator.num_processes > 1:
+            packed = self.accelerator.reduce(packed, reduction="sum")
+        values = packed.tolist()
+        return dict(zip(keys, values[:-1])), values[-1]
+
+    def train_step(self) -> tuple[dict[str, float], int, int]:
+        """One optimizer step. Returns (metric sums over this process's pairs, pairs, tokens)."""
+        acc, sched = self.accelerator, self.schedule
+        micro_batches = sched.step_micro_batches(self.step)
+        global_pairs = sum(len(m) for m in micro_batches)
+        self.model.train()
+        sums: dict[str, float] = defaultdict(float)
+        pairs = tokens = 0
+        for i, micro in enumerate(micro_batches):
+            shard = sched.shard(micro, acc.process_index)
+            last = i == len(micro_batches) - 1
+            # The loss is the mean over the pairs of the whole (global) step, however they are split
+            # into micro-batches and processes; DDP averages gradients, hence the num_processes factor.
+            scale = acc.num_processes / global_pairs
+            context = acc.no_sync(self.model) if not last else contextlib.nullcontext()
+            with context:
+                losses, metrics, n_tokens = self._forward(shard, self.train_data)
+                acc.backward(losses.sum() * scale)
+            sums["loss"] += losses.detach().sum().item()
+            for k, v in metrics.items():
+                sums[k] += v.detach().double().sum().item()
+            pairs += len(shard)
+            tokens += n_tokens
+        if self.cfg.max_grad_norm > 0:
+            grad_norm = acc.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm)
+        else:
+            grad_norm = _grad_norm(self.model.parameters())
+        sums["grad_norm"] = float(grad_norm) * pairs  # averaged per pair like the rest
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return sums, pairs, tokens
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        if not self.eval_data:
+            return {}
+        acc = self.accelerator
+        self.model.eval()
+        b = self.cfg.per_device_eval_batch_size
+        n = len(self.eval_data)
+        sums: dict[str, float] = defaultdict(float)
+        pairs = 0
+        # Each process scores a contiguous stripe of every global eval batch; nothing is dropped.
+        for start in range(0, n, b * acc.num_processes):
+            lo = start + acc.process_index * b
+            shard = list(range(lo, min(lo + b, n)))
+            if not shard:
+                continue
+            losses, metrics, _ = self._forward(shard, self.eval_data)
+            sums["loss"] += losses.sum().item()
+            for k, v in metrics.items():
+                sums[k] += v.double().sum().item()
+            pairs += len(shard)
+        sums, total = self._reduce_sums(dict(sums), pairs)
+        return {f"eval/{k}": v / max(total, 1) for k, v in sums.items()}
+
+    # ------------------------------------------------------------------ the loop
+    def train(self) -> dict[str, float]:
+        cfg, acc = self.cfg, self.accelerator
+        from tqdm.auto import tqdm
+
+        bar = tqdm(
+            total=self.total_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True,
+            disable=not (acc.is_main_process and cfg.progress_bar),
+        )
+        window: dict[str, float] = defaultdict(float)
+        window_pairs = window_tokens = 0
+        window_start = time.perf_counter()
+        last_row: dict[str, float] = {}
+        while self.step < self.total_steps:
+            lr = self.scheduler.get_last_lr()[0]
+            sums, pairs, tokens = self.train_step()
+            for k, v in sums.items():
+                window[k] += v
+            window_pairs += pairs
+            window_tokens += tokens
+            bar.update(1)
+            if self.step % cfg.logging_steps == 0 or self.step == self.total_steps:
+                reduced, total_pairs = self._reduce_sums(dict(window), window_pairs)
+                total_tokens = self._reduce_sums({"tokens": window_tokens}, 0)[0]["tokens"]
+                elapsed = max(time.perf_counter() - window_start, 1e-9)
+                row = {"step": self.step, "epoch": round(self.step / self.schedule.steps_per_epoch, 4)}
+                row.update({k: v / max(total_pairs, 1) for k, v in reduced.items()})
+                row["learning_rate"] = lr
+                row["tokens_per_second"] = total_tokens / elapsed
+                row["pairs_per_second"] = total_pairs / elapsed
+                self.logger.log(row)
+                last_row = row
+                bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row.get('rewards/accuracies', float('nan')):.2f}")
+                window, window_pairs, window_tokens = defaultdict(float), 0, 0
+                window_start = time.perf_counter()
+            if cfg.eval_steps > 0 and self.step % cfg.eval_steps == 0 and self.step < self.total_steps:
+                self.log_eval()
+            if cfg.save_steps > 0 and self.step % cfg.save_steps == 0 and self.step < self.total_steps:
+                self.save_checkpoint()
+        bar.close()
+        final = dict(last_row)
+        if self.eval_data:
+            final.update(self.log_eval())
+        self.save_final()
+        self.logger.close()
+        return final
+
+    def log_eval(self) -> dict[str, float]:
+        row = self.evaluate()
+        if row:
+            self.logger.log({"step": self.step, **row})
+        return row
+
+    # ------------------------------------------------------------------ saving
+    def _save_model(self, directory: Path) -> None:
+        model = self.accelerator.unwrap_model(self.model)
+        if self.save_model_fn is not None:
+            self.save_model_fn(model, directory)
+        else:
+            model.save_pretrained(directory)
+
+    def save_checkpoint(self) -> Path:
+        """``checkpoint-STEP/``: model, optimizer, scheduler, step and RNG states. Written into a
+        temporary directory and renamed, so a checkpoint that exists is complete."""
+        acc = self.accelerator
+        final_dir = self.output_dir / f"checkpoint-{self.step}"
+        tmp_dir = self.output_dir / f".tmp-checkpoint-{self.step}"
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+            tmp_dir.mkdir(parents=True)
+            self._save_model(tmp_dir)
+            torch.save(
+                {
+                    "step": self.step,
+                    "optimizer": self.optimizer.state_dict(),
+                    "scheduler": self.scheduler.state_dict(),
+                    "rng": {"torch": torch.get_rng_state(), "cuda": _cuda_rng()},
+                },
+                tmp_dir / "training_state.pt",
+            )
+            _fsync_dir(tmp_dir)
+            if final_dir.exists():
+                shutil.rmtree(final_dir)
+            os.replace(tmp_dir, final_dir)
+        acc.wait_for_everyone()
+        return final_dir
+
+    def save_final(self) -> None:
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            self._save_model(self.output_dir)
+        acc.wait_for_everyone()
+
+
+def _grad_norm(params) -> float:
+    norms = [p.grad.detach().float().norm() for p in params if p.grad is not None]
+    return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
+
+
+def _cuda_rng():
+    return torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+
+
+def _fsync_dir(directory: Path) -> None:
+    for path in directory.rglob("*"):
+        if path.is_file():
+            with path.open("rb") as fh:
+                os.fsync(fh.fileno())
+
+
+def iterate_in_order(n: int, batch_size: int) -> Iterator[list[int]]:
+    for start in range(0, n, batch_size):
+        yield list(range(start, min(start + batch_size, n)))
