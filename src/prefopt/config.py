@@ -61,7 +61,13 @@ class TrainConfig:
     max_length: int = opt(1024, "Max tokens of prompt + one response.", group="data")
     max_prompt_length: int | None = opt(512, "Max prompt tokens (cut from the left).", group="data")
     # --- objective ---
-    loss_type: str = opt("dpo", "Preference loss: dpo (sigmoid), odpo, cdpo, ipo, hinge.", group="objective")
+    loss_type: str = opt(
+        "dpo",
+        "Preference loss (docs/losses.md), or several separated by commas (a YAML list also works): "
+        "dpo/sigmoid, odpo, cdpo, ipo, hinge, robust, exo_pair, nca_pair, bco_pair, sppo_hard, aot, "
+        "aot_unpaired, apo_zero, apo_down, discopop, sft, sigmoid_norm, simpo.",
+        group="objective",
+    )
     beta: float = opt(0.1, "KL strength beta: the implicit reward is beta*(log pi - log ref).", group="objective")
     alpha: float = opt(1.0, "ODPO offset strength alpha.", group="objective")
     offset_scaling: str = opt(
@@ -77,6 +83,34 @@ class TrainConfig:
         group="objective",
     )
     label_smoothing: float = opt(0.0, "cDPO label smoothing epsilon in [0, 0.5).", group="objective")
+    # --- the preference-loss family (issue 9) ---
+    loss_weights: list[float] | None = opt(
+        None, "Weights of the losses listed in loss_type (default: 1 each), e.g. 1.0,0.5.", group="objective"
+    )
+    use_offset: bool = opt(
+        False, "Put the ODPO offset alpha*f(s_w, s_l) on the margin of every listed loss (needs scores).",
+        group="objective",
+    )
+    target_margin: float = opt(
+        0.0, "SimPO's gamma: subtracted from the margin beta*h of every listed loss.", group="objective"
+    )
+    reference_free: bool = opt(
+        False, "Use reference log-probs of 0 (no reference model is loaded).", group="objective"
+    )
+    length_normalize: bool = opt(
+        False, "Divide every response log-prob by the response's token count.", group="objective"
+    )
+    ld_alpha: float | None = opt(
+        None, "LD-DPO: weight in [0, 1] of the tokens beyond the shorter response's length.", group="objective"
+    )
+    rpo_alpha: float = opt(
+        0.0, "RPO: add rpo_alpha * (mean per-token NLL of the chosen response) to the loss.", group="objective"
+    )
+    use_weighting: bool = opt(
+        False, "WPO: weight each pair by the policy's length-normalised probability of both responses.",
+        group="objective",
+    )
+    discopop_tau: float = opt(0.05, "DiscoPOP temperature tau.", group="objective")
     # --- optimisation ---
     learning_rate: float = opt(1e-6, "Peak learning rate.")
     optimizer: str = opt("adamw", "Optimizer.", choices=("adamw", "rmsprop"))
@@ -114,12 +148,21 @@ class TrainConfig:
             raise ConfigError("model_name_or_path is required")
         if not self.dataset:
             raise ConfigError("dataset is required")
-        if self.loss_type not in LOSSES:
-            raise ConfigError(_unknown("loss_type value", self.loss_type, LOSSES))
+        from prefopt.losses import parse_loss_types, validate_loss_options
+
+        for name in parse_loss_types(self.loss_type):
+            if name not in LOSSES:
+                raise ConfigError(_unknown("loss_type value", name, LOSSES))
         if not (self.beta > 0 and math.isfinite(self.beta)):
             raise ConfigError(f"beta must be > 0, got {self.beta}")
         if not 0.0 <= self.label_smoothing < 0.5:
             raise ConfigError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        validate_loss_options(
+            self.loss_type, loss_weights=self.loss_weights, use_offset=self.use_offset,
+            target_margin=self.target_margin, label_smoothing=self.label_smoothing,
+            use_weighting=self.use_weighting, ld_alpha=self.ld_alpha, rpo_alpha=self.rpo_alpha,
+            discopop_tau=self.discopop_tau,
+        )
         if self.max_length < 2:
             raise ConfigError(f"max_length must be at least 2, got {self.max_length}")
         if self.max_prompt_length is not None and self.max_prompt_length >= self.max_length:
@@ -181,6 +224,10 @@ def coerce_value(cls, name: str, value: Any) -> Any:
         if optional:
             return None
         raise ConfigError(f"config key {name!r} cannot be empty")
+    if typing.get_origin(base) is list:  # a YAML list, or comma-separated values on the command line
+        return _coerce_list(name, typing.get_args(base)[0], value)
+    if base is str and isinstance(value, list | tuple) and all(isinstance(v, str) for v in value):
+        value = ",".join(value)  # e.g. loss_type: [sigmoid, sft]
     try:
         if base is bool:
             if isinstance(value, bool):
@@ -212,6 +259,23 @@ def coerce_value(cls, name: str, value: Any) -> Any:
     choices = f.metadata.get("choices")
     if choices and out not in choices:
         raise ConfigError(f"config key {name!r} must be one of {', '.join(choices)}; got {out!r}")
+    return out
+
+
+def _coerce_list(name: str, item_type, value: Any) -> list:
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, list | tuple):
+        raise ConfigError(f"config key {name!r} expects a list, got {value!r}")
+    out = []
+    for item in items:
+        try:
+            if isinstance(item, bool):
+                raise ValueError
+            out.append(item_type(item.strip() if isinstance(item, str) else item))
+        except (TypeError, ValueError):
+            raise ConfigError(
+                f"config key {name!r} expects a list of {item_type.__name__}, got {value!r}"
+            ) from None
     return out
 
 

@@ -49,3 +49,67 @@ def pair_logps(model, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         "chosen_tokens": counts[0::2],
         "rejected_tokens": counts[1::2],
     }
+
+
+# --- per-token log-probs for the per-token loss options (issue 9) ---
+
+
+def token_log_sum_sq(logits: Tensor, chunk_size: int = 1024) -> Tensor:
+    """``log sum_v p(v)^2`` per row of ``logits [T, V]`` (WPO's alignment term), float32, no gradient:
+    ``logsumexp(2*logits) - 2*logsumexp(logits)``, chunked like ``token_logps``."""
+    out = []
+    with torch.no_grad():
+        for start in range(0, logits.shape[0], chunk_size):
+            chunk = logits[start : start + chunk_size].float()
+            out.append(torch.logsumexp(2.0 * chunk, dim=-1) - 2.0 * torch.logsumexp(chunk, dim=-1))
+    if not out:
+        return logits.new_zeros((0,), dtype=torch.float32)
+    return torch.cat(out)
+
+
+def rank_within_response(token_response: Tensor, target_positions: Tensor, width: int) -> Tensor:
+    """0-based index of each target token inside its response, ``[T]``, for any layout: tokens are
+    ordered by (response, position) with a stable sort, so the targets need not be contiguous."""
+    key = token_response * (width + 1) + target_positions
+    order = torch.argsort(key, stable=True)
+    sorted_response = token_response[order]
+    n = int(token_response.max()) + 1 if token_response.numel() else 0
+    counts = torch.zeros(n, dtype=torch.long, device=token_response.device).index_add(
+        0, sorted_response, torch.ones_like(sorted_response)
+    )
+    starts = torch.cumsum(counts, 0) - counts
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(order.numel(), device=order.device) - starts[sorted_response]
+    return rank
+
+
+def pair_token_logps(model, batch: dict[str, Tensor], *, log_sum_sq: bool = False) -> dict[str, Tensor]:
+    """``pair_logps`` plus the per-token values it sums, from the same single forward pass.
+
+    Extra keys: ``token_logps [T]`` (with gradient), ``token_response [T]`` (``2i`` chosen / ``2i+1``
+    rejected of pair i), ``token_rank [T]`` (position inside the response), ``counts [2B]``, and with
+    ``log_sum_sq`` also ``token_log_sum_sq [T]`` (``token_log_sum_sq``, for WPO weights).
+    """
+    inputs = {k: batch[k] for k in MODEL_INPUT_KEYS if k in batch}
+    logits = model(**inputs, use_cache=False).logits  # [R, L, V]
+    selected = logits[batch["target_rows"], batch["target_positions"]]  # [T, V]
+    per_token = token_logps(selected, batch["target_tokens"])
+    n_responses = 2 * int(batch["num_pairs"])
+    index = batch["target_response"]
+    sums = torch.zeros(n_responses, dtype=per_token.dtype, device=per_token.device).index_add(0, index, per_token)
+    counts = torch.zeros(n_responses, dtype=torch.long, device=index.device).index_add(
+        0, index, torch.ones_like(index)
+    )
+    out = {
+        "chosen_logps": sums[0::2],
+        "rejected_logps": sums[1::2],
+        "chosen_tokens": counts[0::2],
+        "rejected_tokens": counts[1::2],
+        "token_logps": per_token,
+        "token_response": index,
+        "token_rank": rank_within_response(index, batch["target_positions"], logits.shape[1]),
+        "counts": counts,
+    }
+    if log_sum_sq:
+        out["token_log_sum_sq"] = token_log_sum_sq(selected.detach())
+    return out

@@ -13,22 +13,22 @@ from prefopt.data.formats import Columns, load_pairs
 from prefopt.data.records import PreferencePair
 from prefopt.data.tokenize import TokenizedPair, tokenize_pairs
 from prefopt.errors import DataError
-from prefopt.losses import get_loss
+from prefopt.losses import loss_needs_reference, loss_needs_scores
 
 
 def apply_score_policy(pairs: list[PreferencePair], cfg) -> tuple[list[PreferencePair], int]:
     """For losses that need scores (ODPO): every pair must have both, and pairs whose chosen score
     is not above the rejected one are dropped, rejected with an error, or kept for clamping,
     as ``nonpositive_score_diff`` says. Returns the pairs kept and how many were affected."""
-    spec = get_loss(cfg.loss_type)
-    if not spec.requires_scores:
+    if not loss_needs_scores(cfg.loss_type, cfg.use_offset):
         return pairs, 0
     kept, affected = [], 0
     for pair in pairs:
         if not pair.has_scores:
             raise DataError(
                 pair.source, pair.row, cfg.score_chosen_column,
-                f"missing; loss_type {cfg.loss_type!r} needs a score for both responses of every pair",
+                f"missing; loss_type {cfg.loss_type!r}{' with use_offset' if cfg.use_offset else ''} "
+                "needs a score for both responses of every pair",
                 pair.row_label,
             )
         if pair.score_chosen <= pair.score_rejected:
@@ -107,7 +107,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             print(f"prefopt: {summary_line(role, s)}", file=sys.stderr)
 
     policy = load_causal_lm(cfg.model_name_or_path, disable_dropout_=cfg.disable_dropout)
-    if cfg.ref_model_name_or_path:
+    if not loss_needs_reference(cfg.loss_type, cfg.reference_free):
+        ref_model = None  # reference-free losses (issue 9): no second model in memory
+    elif cfg.ref_model_name_or_path:
         ref_model = freeze(load_causal_lm(cfg.ref_model_name_or_path, disable_dropout_=cfg.disable_dropout))
     else:
         ref_model = frozen_copy(policy)
@@ -128,10 +130,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         train_data=train_pairs,
         eval_data=eval_pairs,
         collator=PaddedPairCollator(tokenizer.pad_token_id),
-        objective=PreferenceObjective(cfg, LiveReference(ref_model)),
+        objective=PreferenceObjective(cfg, LiveReference(ref_model) if ref_model is not None else None),
         save_model=save_model,
         accelerator=accelerator,
-        extra_modules=[ref_model],
+        extra_modules=[ref_model] if ref_model is not None else [],
     )
     return trainer.train()
 
