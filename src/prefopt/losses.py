@@ -115,13 +115,19 @@ def _smoothed_sigmoid(inputs: LossInputs) -> Tensor:
 
 @register_loss("dpo", "sigmoid", uses_label_smoothing=True)
 def dpo_loss(inputs: LossInputs) -> Tensor:
-    """DPO (Rafailov et al. 2023): -log sigmoid(beta*h); with label_smoothing eps it is cDPO."""
+    """DPO (Rafailov et al. 2023): -log sigmoid(beta*h); with label_smoothing eps it is cDPO.
+
+    arXiv 2305.18290, eq. 7. TRL's ``sigmoid``; an offset or target margin makes it ``-log sigmoid(z)``.
+    """
     return _smoothed_sigmoid(inputs)
 
 
 @register_loss("odpo", requires_scores=True, uses_label_smoothing=True)
 def odpo_loss(inputs: LossInputs) -> Tensor:
-    """ODPO (Amini et al. 2024): -log sigmoid(beta*h - alpha*f(s_w, s_l)), the offset inside."""
+    """ODPO (Amini et al. 2024): -log sigmoid(beta*h - alpha*f(s_w, s_l)), the offset inside.
+
+    arXiv 2402.10571, eq. 6. The same as ``sigmoid`` with ``use_offset``.
+    """
     return _smoothed_sigmoid(inputs)
 
 
@@ -133,13 +139,20 @@ def cdpo_loss(inputs: LossInputs) -> Tensor:
 
 @register_loss("ipo", takes_offset=False)
 def ipo_loss(inputs: LossInputs) -> Tensor:
-    """IPO (Azar et al. 2023): (h - 1/(2*beta))^2, a squared loss on the unscaled margin."""
+    """IPO (Azar et al. 2023): (h - 1/(2*beta))^2, a squared loss on the unscaled margin.
+
+    arXiv 2310.12036, eq. 17. TRL's ``ipo`` divides each log-ratio by its response length first:
+    here that is ``length_normalize: true``.
+    """
     return (inputs.h - 1.0 / (2.0 * inputs.beta)) ** 2
 
 
 @register_loss("hinge")
 def hinge_loss(inputs: LossInputs) -> Tensor:
-    """SLiC hinge (Zhao et al. 2023): max(0, 1 - beta*h)."""
+    """SLiC hinge (Zhao et al. 2023): max(0, 1 - beta*h).
+
+    arXiv 2305.10425 (SLiC-HF), with the DPO margin in place of SLiC's likelihood margin.
+    """
     return torch.relu(1.0 - inputs.margin_logits)
 
 
