@@ -82,7 +82,9 @@ class TrainConfig:
         choices=("drop", "error", "clamp"),
         group="objective",
     )
-    label_smoothing: float = opt(0.0, "cDPO label smoothing epsilon in [0, 0.5).", group="objective")
+    label_smoothing: float = opt(
+        0.0, "Label smoothing epsilon in [0, 0.5): cDPO, robust, exo_pair, aot.", group="objective"
+    )
     # --- the preference-loss family (issue 9) ---
     loss_weights: list[float] | None = opt(
         None, "Weights of the losses listed in loss_type (default: 1 each), e.g. 1.0,0.5.", group="objective"
