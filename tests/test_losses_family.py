@@ -164,6 +164,17 @@ def test_discopop_hand_value():
     assert expected[0] == pytest.approx(0.3472590, abs=1e-6)
 
 
+@pytest.mark.parametrize("tau", [0.05, 0.2])
+def test_discopop_slope_at_zero_margin(tau):
+    """d/dz at z = 0, with m = sig(z/tau), m' = 1/(4 tau), L = -log sig z (L' = -1/2), E = e^-z (E' = -1):
+    m'(E - L) + (1 - m) L' + m E' = (1 - log 2)/(4 tau) - 1/4 - 1/2. Positive for tau < (1 - log 2)/3
+    (0.102): from policy == ref the paper's default tau = 0.05 first pushes margins *negative*."""
+    h = torch.zeros(1, dtype=torch.float64, requires_grad=True)
+    loss = preference_loss(h, t(0.0), t(0.0), t(0.0), loss_type="discopop", beta=1.0, discopop_tau=tau)[0]
+    loss.sum().backward()
+    assert h.grad.item() == pytest.approx((1 - LOG2) / (4 * tau) - 0.75, abs=1e-12)
+
+
 def test_sft_is_the_mean_chosen_nll():
     # -log pi(y_w)/|y_w|: pair A 5/4 = 1.25, pair B 2/2 = 1; nothing else matters
     close(run("sft"), [1.25, 1.0])
