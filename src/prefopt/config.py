@@ -175,7 +175,7 @@ def coerce_value(cls, name: str, value: Any) -> Any:
     """Turn a YAML or command-line value into the field's type, or raise ConfigError."""
     base, optional = _field_type(cls, name)
     f = config_fields(cls)[name]
-    if isinstance(value, str) and value.strip().lower() in _NONE:
+    if optional and isinstance(value, str) and value.strip().lower() in _NONE:
         value = None
     if value is None:
         if optional:
