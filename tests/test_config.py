@@ -58,3 +58,21 @@ def test_every_field_has_help():
 
     for f in dataclasses.fields(TrainConfig):
         assert f.metadata.get("help"), f.name
+
+
+def test_docs_config_md_lists_every_key():
+    from pathlib import Path
+
+    from prefopt.config import config_markdown
+
+    doc = Path(__file__).resolve().parents[1] / "docs" / "config.md"
+    assert doc.read_text() == config_markdown(), "regenerate: python -m prefopt.config > docs/config.md"
+
+
+def test_lr_schedules():
+    from prefopt.schedule import lr_multiplier
+
+    assert [lr_multiplier(s, kind="linear", warmup_steps=2, total_steps=6) for s in range(7)] == [
+        0.0, 0.5, 1.0, 0.75, 0.5, 0.25, 0.0]
+    assert lr_multiplier(4, kind="cosine", warmup_steps=2, total_steps=6) == pytest.approx(0.5)
+    assert lr_multiplier(5, kind="constant", warmup_steps=2, total_steps=6) == 1.0

@@ -282,3 +282,30 @@ def overrides_from_namespace(namespace) -> dict[str, Any]:
         for key, value in vars(namespace).items()
         if key.startswith("cfg__") and value is not argparse_missing
     }
+
+
+def config_markdown(cls=TrainConfig) -> str:
+    """The reference table of every config key, generated from the dataclass (docs/config.md)."""
+    lines = [
+        "# Configuration keys",
+        "",
+        "Generated from `prefopt.config.TrainConfig` by `python -m prefopt.config > docs/config.md`;",
+        "a test fails when this file and the dataclass disagree. Every key works in the YAML file",
+        "(`key: value`) and on the command line (`--key value`), which overrides the file.",
+    ]
+    group = None
+    for name, f in config_fields(cls).items():
+        g = f.metadata.get("group", "training")
+        if g != group:
+            group = g
+            lines += ["", f"## {g}", "", "| key | default | meaning |", "| --- | --- | --- |"]
+        help_text = f.metadata.get("help", "")
+        if f.metadata.get("choices"):
+            help_text += " One of: " + ", ".join(f"`{c}`" for c in f.metadata["choices"]) + "."
+        default = "null" if f.default is None else f.default
+        lines.append(f"| `{name}` | `{default}` | {help_text} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":  # pragma: no cover
+    print(config_markdown(), end="")
