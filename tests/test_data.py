@@ -73,6 +73,13 @@ def test_rated_format_expands_to_every_pair_with_different_scores(tmp_path):
     assert stats.format == "rated" and stats.dropped["tied scores"] == 1
 
 
+def test_empty_samples_in_rated_data_are_dropped_and_counted(tmp_path):
+    rows = [{"prompt": "p", "responses": ["a", "", "c"], "scores": [3, 9, 1]}]
+    pairs, stats = load_pairs(str(write_jsonl(tmp_path / "r.jsonl", rows)))
+    assert [(p.chosen, p.rejected) for p in pairs] == [("a", "c")]
+    assert stats.dropped["empty responses"] == 1
+
+
 def test_tldr_shaped_json_is_read_as_rated(tmp_path):
     (tmp_path / "tldr.json").write_text(json.dumps({
         "post one": {"responses": ["x", "y"], "rewards": [2, 5]},
