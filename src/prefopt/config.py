@@ -267,7 +267,10 @@ def build_config(cls, yaml_path: str | Path | None = None, overrides: dict[str, 
         for key, value in mapping.items():
             if key not in known:
                 raise ConfigError(f"{where}: " + _unknown("config key", str(key), known))
-            values[key] = coerce_value(cls, key, value)
+            try:
+                values[key] = coerce_value(cls, key, value)
+            except ConfigError as e:
+                raise ConfigError(f"{where}: {e}") from None
     return cls(**values)
 
 

@@ -62,7 +62,9 @@ def prepare_dataset(cfg, spec: str, split: str, tokenizer, *, role: str = "train
         raise DataError(
             spec, None, None,
             f"every pair was dropped ({json.dumps(tok_stats.as_dict()['dropped'])}); "
-            f"raise max_length ({cfg.max_length}) or lower max_prompt_length ({cfg.max_prompt_length})",
+            f"raise max_length ({cfg.max_length}) or "
+            + (f"lower max_prompt_length ({cfg.max_prompt_length})" if cfg.max_prompt_length is not None
+               else "set max_prompt_length to cut long prompts"),
         )
     return tokenized, summary
 
