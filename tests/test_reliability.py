@@ -338,3 +338,36 @@ def test_skip_mode_skips_nonfinite_steps_and_counts_them(tiny_llama, data16, tmp
                  "--report_to", "none", "--on_nonfinite", "skip", "--max_skipped_steps", "1"])
     assert code == 2
     assert "step 3: non-finite loss after 1 skipped steps" in capsys.readouterr().err
+
+
+def test_resume_from_an_explicit_checkpoint_into_a_new_directory(tiny_llama, data16, reference_run, tmp_path, capsys):
+    out = tmp_path / "continued"
+    code = main(["train", "--model_name_or_path", str(tiny_llama), "--dataset", str(data16), "--output_dir", str(out),
+                 *RUN, "--resume_from_checkpoint", str(reference_run / "checkpoint-6")])
+    assert code == 0, capsys.readouterr().err
+    assert (out / "metrics.jsonl").read_bytes() == (reference_run / "metrics.jsonl").read_bytes()
+    a, b = weights(reference_run), weights(out)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_latest_without_a_checkpoint(tmp_path, capsys):
+    from prefopt.config import TrainConfig
+    from prefopt.errors import ConfigError
+    from prefopt.preflight import plan_run
+
+    out = tmp_path / "run"
+    cfg = TrainConfig(model_name_or_path=str(tmp_path), dataset="d.jsonl", output_dir=str(out),
+                      resume_from_checkpoint="latest")
+    assert plan_run(cfg).resume_from is None and not plan_run(cfg).overwrite  # nothing there: a new run
+    out.mkdir()
+    (out / "config.yaml").write_text("seed: 1\n")
+    (out / "metrics.jsonl").write_text('{"step": 1}\n')
+    (out / ".tmp-checkpoint-3").mkdir()  # killed before its first checkpoint was complete
+    plan = plan_run(cfg)
+    assert plan.resume_from is None and plan.overwrite  # started over
+    (out / "model.safetensors").write_bytes(b"x")  # a finished model is never deleted implicitly
+    with pytest.raises(ConfigError, match="no complete checkpoint"):
+        plan_run(cfg)
+    with pytest.raises(ConfigError, match="not found"):
+        plan_run(TrainConfig(model_name_or_path=str(tmp_path), dataset="d", output_dir=str(out),
+                             resume_from_checkpoint=str(out / "checkpoint-9")))

@@ -23,6 +23,7 @@ import random
 import re
 import shutil
 import signal
+from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -300,7 +301,7 @@ def restore(trainer, directory: str | Path) -> int:
     trainer.skipped_steps = int(state.get("skipped_steps", 0))
     window = state.get("window")
     if window is not None:
-        trainer.window.update(sums=dict(window["sums"]), pairs=window["pairs"], tokens=window["tokens"])
+        trainer.window.update(sums=defaultdict(float, window["sums"]), pairs=window["pairs"], tokens=window["tokens"])
     saved_procs = int(state.get("num_processes", acc.num_processes))
     rng = read_rng_state(directory, acc.process_index) or read_rng_state(directory, 0)
     if rng is not None:

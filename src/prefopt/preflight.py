@@ -70,6 +70,10 @@ def plan_run(cfg) -> RunPlan:
         if resume == "latest":
             ckpt = latest_checkpoint(out)
             if ckpt is None:
+                if occupied and only_unfinished_run(out):
+                    # Killed before its first checkpoint: nothing to resume, nothing worth keeping.
+                    print(f"prefopt: no complete checkpoint in {out}; starting the run over", file=sys.stderr)
+                    return RunPlan(overwrite=True)
                 if occupied:
                     raise ConfigError(
                         f"--resume: no complete checkpoint in {out} to resume from (it holds: "
@@ -96,6 +100,13 @@ def plan_run(cfg) -> RunPlan:
             "that run, --overwrite_output_dir to start over, or choose another output_dir"
         )
     return RunPlan(overwrite=occupied)
+
+
+def only_unfinished_run(out: Path) -> bool:
+    """True when ``out`` holds nothing but the files of a run that never wrote a checkpoint or a model."""
+    return all(
+        p.name in RUN_FILES or p.name in RUN_DIRS or p.name.startswith(TMP_PREFIX) for p in out.iterdir()
+    )
 
 
 def warn_config_changes(cfg, saved_path: Path) -> list[str]:
