@@ -106,6 +106,25 @@ class TrainConfig:
         choices=("auto", "tensorboard", "none"), group="output",
     )
     progress_bar: bool = opt(True, "Show a progress bar on the terminal.", group="output")
+    # --- reliability: resume, checkpoints, output directory, NaN guard (issue 8) ---
+    resume_from_checkpoint: str | None = opt(
+        None, "Resume from this checkpoint directory, or `latest`: the newest complete one in output_dir "
+        "(`--resume` is short for latest).", group="output",
+    )
+    overwrite_output_dir: bool = opt(
+        False, "Start a new run in an output_dir that holds another run, deleting its checkpoints and metrics.",
+        group="output",
+    )
+    save_total_limit: int | None = opt(None, "Keep only the newest N checkpoints (none: keep all).", group="output")
+    log_throughput: bool = opt(
+        True, "Log tokens_per_second/pairs_per_second. They are wall-clock; false makes metrics.jsonl "
+        "bit-for-bit reproducible on CPU.", group="output",
+    )
+    on_nonfinite: str = opt(
+        "stop", "A non-finite loss or gradient: stop (the last checkpoint stays intact) or skip the update.",
+        choices=("stop", "skip"),
+    )
+    max_skipped_steps: int = opt(10, "With on_nonfinite: skip, stop anyway after this many skipped steps.")
 
     def validate(self) -> TrainConfig:
         from prefopt.losses import LOSSES
@@ -136,6 +155,11 @@ class TrainConfig:
             raise ConfigError("set max_steps > 0 or num_train_epochs > 0")
         if self.learning_rate < 0:
             raise ConfigError(f"learning_rate must be >= 0, got {self.learning_rate}")
+        if self.save_total_limit is not None and self.save_total_limit < 1:
+            raise ConfigError(f"save_total_limit must be at least 1 (or none), got {self.save_total_limit}")
+        if self.resume_from_checkpoint and self.overwrite_output_dir:
+            raise ConfigError("resume_from_checkpoint and overwrite_output_dir exclude each other: resume the run "
+                              "or start it over")
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -175,8 +199,8 @@ def coerce_value(cls, name: str, value: Any) -> Any:
     """Turn a YAML or command-line value into the field's type, or raise ConfigError."""
     base, optional = _field_type(cls, name)
     f = config_fields(cls)[name]
-    if optional and isinstance(value, str) and value.strip().lower() in _NONE:
-        value = None
+    if isinstance(value, str) and value.strip().lower() in _NONE and optional:
+        value = None  # only for optional keys: `report_to: none` is a choice, not an empty value
     if value is None:
         if optional:
             return None
@@ -243,7 +267,10 @@ def build_config(cls, yaml_path: str | Path | None = None, overrides: dict[str, 
         for key, value in mapping.items():
             if key not in known:
                 raise ConfigError(f"{where}: " + _unknown("config key", str(key), known))
-            values[key] = coerce_value(cls, key, value)
+            try:
+                values[key] = coerce_value(cls, key, value)
+            except ConfigError as e:
+                raise ConfigError(f"{where}: {e}") from None
     return cls(**values)
 
 
@@ -263,8 +290,10 @@ def add_config_arguments(parser, cls) -> None:
         if choices:
             help_text += f" One of: {', '.join(choices)}."
         help_text += f" (default: {f.default})"
+        # A bare boolean flag (`--overwrite_output_dir`) means true; `--flag false` still works.
+        bare = {"nargs": "?", "const": "true"} if _field_type(cls, name)[0] is bool else {}
         groups[group_name].add_argument(
-            f"--{name}", dest=f"cfg__{name}", default=argparse_missing, metavar="VALUE", help=help_text
+            f"--{name}", dest=f"cfg__{name}", default=argparse_missing, metavar="VALUE", help=help_text, **bare
         )
 
 
