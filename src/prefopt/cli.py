@@ -49,11 +49,19 @@ def _reject_unknown(unknown: list[str], cls) -> None:
         raise ConfigError(f"unexpected argument {flag!r}")
 
 
-@command("train", "Train a policy with DPO, ODPO or another preference loss.", _config_command_args)
+def _train_args(parser: argparse.ArgumentParser) -> None:
+    _config_command_args(parser)
+    parser.add_argument("--resume", action="store_true",
+                        help="Resume from the newest complete checkpoint in output_dir (resume_from_checkpoint: latest).")
+
+
+@command("train", "Train a policy with DPO, ODPO or another preference loss.", _train_args)
 def _train(args, unknown) -> int:
     from prefopt.pipeline import train
 
     cfg = _config_from_args(args, unknown)
+    if getattr(args, "resume", False) and not cfg.resume_from_checkpoint:
+        cfg.resume_from_checkpoint = "latest"
     train(cfg)
     print(f"prefopt: model saved to {cfg.output_dir}", file=sys.stderr)
     return 0
@@ -74,6 +82,27 @@ def _logps(args, unknown) -> int:
     if args.model:
         cfg.model_name_or_path = args.model
     logps(cfg, args.output, batch_size=args.batch_size)
+    return 0
+
+
+def _validate_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="Print the summary as JSON.")
+    _config_command_args(parser)
+
+
+@command("validate", "Check a dataset as training would and print what was read, kept and dropped.",
+         _validate_args)
+def _validate(args, unknown) -> int:
+    import json
+
+    from prefopt.validate import summary_text, validate_datasets
+
+    summaries = validate_datasets(_config_from_args(args, unknown))
+    if args.json:
+        print(json.dumps(summaries, indent=2))
+    else:
+        for role, s in summaries.items():
+            print(summary_text(role, s))
     return 0
 
 

@@ -142,6 +142,25 @@ class TrainConfig:
         choices=("auto", "tensorboard", "none"), group="output",
     )
     progress_bar: bool = opt(True, "Show a progress bar on the terminal.", group="output")
+    # --- reliability: resume, checkpoints, output directory, NaN guard (issue 8) ---
+    resume_from_checkpoint: str | None = opt(
+        None, "Resume from this checkpoint directory, or `latest`: the newest complete one in output_dir "
+        "(`--resume` is short for latest).", group="output",
+    )
+    overwrite_output_dir: bool = opt(
+        False, "Start a new run in an output_dir that holds another run, deleting its checkpoints and metrics.",
+        group="output",
+    )
+    save_total_limit: int | None = opt(None, "Keep only the newest N checkpoints (none: keep all).", group="output")
+    log_throughput: bool = opt(
+        True, "Log tokens_per_second/pairs_per_second. They are wall-clock; false makes metrics.jsonl "
+        "bit-for-bit reproducible on CPU.", group="output",
+    )
+    on_nonfinite: str = opt(
+        "stop", "A non-finite loss or gradient: stop (the last checkpoint stays intact) or skip the update.",
+        choices=("stop", "skip"),
+    )
+    max_skipped_steps: int = opt(10, "With on_nonfinite: skip, stop anyway after this many skipped steps.")
 
     def validate(self) -> TrainConfig:
         from prefopt.losses import LOSSES
@@ -181,6 +200,11 @@ class TrainConfig:
             raise ConfigError("set max_steps > 0 or num_train_epochs > 0")
         if self.learning_rate < 0:
             raise ConfigError(f"learning_rate must be >= 0, got {self.learning_rate}")
+        if self.save_total_limit is not None and self.save_total_limit < 1:
+            raise ConfigError(f"save_total_limit must be at least 1 (or none), got {self.save_total_limit}")
+        if self.resume_from_checkpoint and self.overwrite_output_dir:
+            raise ConfigError("resume_from_checkpoint and overwrite_output_dir exclude each other: resume the run "
+                              "or start it over")
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -220,8 +244,8 @@ def coerce_value(cls, name: str, value: Any) -> Any:
     """Turn a YAML or command-line value into the field's type, or raise ConfigError."""
     base, optional = _field_type(cls, name)
     f = config_fields(cls)[name]
-    if isinstance(value, str) and value.strip().lower() in _NONE:
-        value = None
+    if isinstance(value, str) and value.strip().lower() in _NONE and optional:
+        value = None  # only for optional keys: `report_to: none` is a choice, not an empty value
     if value is None:
         if optional:
             return None
@@ -309,7 +333,10 @@ def build_config(cls, yaml_path: str | Path | None = None, overrides: dict[str, 
         for key, value in mapping.items():
             if key not in known:
                 raise ConfigError(f"{where}: " + _unknown("config key", str(key), known))
-            values[key] = coerce_value(cls, key, value)
+            try:
+                values[key] = coerce_value(cls, key, value)
+            except ConfigError as e:
+                raise ConfigError(f"{where}: {e}") from None
     return cls(**values)
 
 
@@ -329,8 +356,10 @@ def add_config_arguments(parser, cls) -> None:
         if choices:
             help_text += f" One of: {', '.join(choices)}."
         help_text += f" (default: {f.default})"
+        # A bare boolean flag (`--overwrite_output_dir`) means true; `--flag false` still works.
+        bare = {"nargs": "?", "const": "true"} if _field_type(cls, name)[0] is bool else {}
         groups[group_name].add_argument(
-            f"--{name}", dest=f"cfg__{name}", default=argparse_missing, metavar="VALUE", help=help_text
+            f"--{name}", dest=f"cfg__{name}", default=argparse_missing, metavar="VALUE", help=help_text, **bare
         )
 
 
@@ -348,3 +377,30 @@ def overrides_from_namespace(namespace) -> dict[str, Any]:
         for key, value in vars(namespace).items()
         if key.startswith("cfg__") and value is not argparse_missing
     }
+
+
+def config_markdown(cls=TrainConfig) -> str:
+    """The reference table of every config key, generated from the dataclass (docs/config.md)."""
+    lines = [
+        "# Configuration keys",
+        "",
+        "Generated from `prefopt.config.TrainConfig` by `python -m prefopt.config > docs/config.md`;",
+        "a test fails when this file and the dataclass disagree. Every key works in the YAML file",
+        "(`key: value`) and on the command line (`--key value`), which overrides the file.",
+    ]
+    group = None
+    for name, f in config_fields(cls).items():
+        g = f.metadata.get("group", "training")
+        if g != group:
+            group = g
+            lines += ["", f"## {g}", "", "| key | default | meaning |", "| --- | --- | --- |"]
+        help_text = f.metadata.get("help", "")
+        if f.metadata.get("choices"):
+            help_text += " One of: " + ", ".join(f"`{c}`" for c in f.metadata["choices"]) + "."
+        default = "null" if f.default is None else f.default
+        lines.append(f"| `{name}` | `{default}` | {help_text} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":  # pragma: no cover
+    print(config_markdown(), end="")

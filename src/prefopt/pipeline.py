@@ -62,7 +62,9 @@ def prepare_dataset(cfg, spec: str, split: str, tokenizer, *, role: str = "train
         raise DataError(
             spec, None, None,
             f"every pair was dropped ({json.dumps(tok_stats.as_dict()['dropped'])}); "
-            f"raise max_length ({cfg.max_length}) or lower max_prompt_length ({cfg.max_prompt_length})",
+            f"raise max_length ({cfg.max_length}) or "
+            + (f"lower max_prompt_length ({cfg.max_prompt_length})" if cfg.max_prompt_length is not None
+               else "set max_prompt_length to cut long prompts"),
         )
     return tokenized, summary
 
@@ -91,6 +93,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     from prefopt.train import Trainer
 
     cfg.validate()
+    from prefopt.preflight import plan_run, prepare_output_dir
+
+    plan = plan_run(cfg)  # output_dir rule, model paths, checkpoint to resume: before anything is read
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
@@ -116,7 +121,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
     output_dir = Path(cfg.output_dir)
     if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
+        prepare_output_dir(cfg, plan)  # every input is checked by now: only now may an old run go
         save_config(cfg, output_dir / "config.yaml")
         (output_dir / "data_summary.json").write_text(json.dumps(summaries, indent=2) + "\n")
 
@@ -135,6 +140,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         accelerator=accelerator,
         extra_modules=[ref_model] if ref_model is not None else [],
     )
+    if plan.resume_from is not None:
+        from prefopt.checkpoint import restore
+
+        restore(trainer, plan.resume_from)
     return trainer.train()
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import shutil
+import sys
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
@@ -22,6 +22,9 @@ from typing import Any
 
 import torch
 
+from prefopt.checkpoint import save as save_checkpoint
+from prefopt.checkpoint import test_hook
+from prefopt.guard import StepHealth, check_step
 from prefopt.metrics import MetricsLogger
 from prefopt.schedule import build_optimizer, build_scheduler
 
@@ -130,6 +133,9 @@ class Trainer:
         self.output_dir = Path(cfg.output_dir)
         self.logger = MetricsLogger(self.output_dir, report_to=cfg.report_to, enabled=acc.is_main_process)
         self.step = 0
+        # Reliability (issue 8): the unlogged metrics window lives here so a checkpoint can carry it.
+        self.window: dict[str, Any] = {"sums": defaultdict(float), "pairs": 0, "tokens": 0}
+        self.skipped_steps = 0
 
     # ------------------------------------------------------------------ running a batch
     def _forward(self, indices: list[int], data: Sequence) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
@@ -153,6 +159,7 @@ class Trainer:
         self.model.train()
         sums: dict[str, float] = defaultdict(float)
         pairs = tokens = 0
+        health = StepHealth()
         for i, micro in enumerate(micro_batches):
             shard = sched.shard(micro, acc.process_index)
             last = i == len(micro_batches) - 1
@@ -163,6 +170,7 @@ class Trainer:
             with context:
                 losses, metrics, n_tokens = self._forward(shard, self.train_data)
                 acc.backward(losses.sum() * scale)
+            health.observe(losses, [getattr(self.train_data[j], "index", j) for j in shard])
             sums["loss"] += losses.detach().sum().item()
             for k, v in metrics.items():
                 sums[k] += v.detach().double().sum().item()
@@ -173,6 +181,12 @@ class Trainer:
         else:
             grad_norm = _grad_norm(self.model.parameters())
         sums["grad_norm"] = float(grad_norm) * pairs  # averaged per pair like the rest
+        if check_step(self, health, sums["loss"], float(grad_norm)):  # non-finite: skip (or raise)
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scheduler.step()
+            self.step += 1
+            self.skipped_steps += 1
+            return {}, 0, 0
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -212,37 +226,42 @@ class Trainer:
             total=self.total_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True,
             disable=not (acc.is_main_process and cfg.progress_bar),
         )
-        window: dict[str, float] = defaultdict(float)
-        window_pairs = window_tokens = 0
+        window = self.window
         window_start = time.perf_counter()
         last_row: dict[str, float] = {}
         while self.step < self.total_steps:
             lr = self.scheduler.get_last_lr()[0]
             sums, pairs, tokens = self.train_step()
             for k, v in sums.items():
-                window[k] += v
-            window_pairs += pairs
-            window_tokens += tokens
+                window["sums"][k] += v
+            window["pairs"] += pairs
+            window["tokens"] += tokens
             bar.update(1)
             if self.step % cfg.logging_steps == 0 or self.step == self.total_steps:
-                reduced, total_pairs = self._reduce_sums(dict(window), window_pairs)
-                total_tokens = self._reduce_sums({"tokens": window_tokens}, 0)[0]["tokens"]
+                reduced, total_pairs = self._reduce_sums(dict(window["sums"]), window["pairs"])
+                total_tokens = self._reduce_sums({"tokens": window["tokens"]}, 0)[0]["tokens"]
                 elapsed = max(time.perf_counter() - window_start, 1e-9)
                 row = {"step": self.step, "epoch": round(self.step / self.schedule.steps_per_epoch, 4)}
                 row.update({k: v / max(total_pairs, 1) for k, v in reduced.items()})
                 row["learning_rate"] = lr
-                row["tokens_per_second"] = total_tokens / elapsed
-                row["pairs_per_second"] = total_pairs / elapsed
+                if cfg.log_throughput:  # wall-clock: the only values that differ between two runs
+                    row["tokens_per_second"] = total_tokens / elapsed
+                    row["pairs_per_second"] = total_pairs / elapsed
+                if cfg.on_nonfinite == "skip":
+                    row["skipped_steps"] = self.skipped_steps
                 self.logger.log(row)
                 last_row = row
-                bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row.get('rewards/accuracies', float('nan')):.2f}")
-                window, window_pairs, window_tokens = defaultdict(float), 0, 0
+                bar.set_postfix(loss=f"{row.get('loss', float('nan')):.4f}", acc=f"{row.get('rewards/accuracies', float('nan')):.2f}")
+                window.update(sums=defaultdict(float), pairs=0, tokens=0)
                 window_start = time.perf_counter()
             if cfg.eval_steps > 0 and self.step % cfg.eval_steps == 0 and self.step < self.total_steps:
                 self.log_eval()
             if cfg.save_steps > 0 and self.step % cfg.save_steps == 0 and self.step < self.total_steps:
                 self.save_checkpoint()
+            test_hook("step", self.step)
         bar.close()
+        if self.skipped_steps and acc.is_main_process:
+            print(f"prefopt: skipped {self.skipped_steps} steps with a non-finite loss or gradient", file=sys.stderr)
         final = dict(last_row)
         if self.eval_data:
             final.update(self.log_eval())
@@ -266,30 +285,8 @@ class Trainer:
 
     def save_checkpoint(self) -> Path:
         """``checkpoint-STEP/``: model, optimizer, scheduler, step and RNG states. Written into a
-        temporary directory and renamed, so a checkpoint that exists is complete."""
-        acc = self.accelerator
-        final_dir = self.output_dir / f"checkpoint-{self.step}"
-        tmp_dir = self.output_dir / f".tmp-checkpoint-{self.step}"
-        acc.wait_for_everyone()
-        if acc.is_main_process:
-            shutil.rmtree(tmp_dir, ignore_errors=True)
-            tmp_dir.mkdir(parents=True)
-            self._save_model(tmp_dir)
-            torch.save(
-                {
-                    "step": self.step,
-                    "optimizer": self.optimizer.state_dict(),
-                    "scheduler": self.scheduler.state_dict(),
-                    "rng": {"torch": torch.get_rng_state(), "cuda": _cuda_rng()},
-                },
-                tmp_dir / "training_state.pt",
-            )
-            _fsync_dir(tmp_dir)
-            if final_dir.exists():
-                shutil.rmtree(final_dir)
-            os.replace(tmp_dir, final_dir)
-        acc.wait_for_everyone()
-        return final_dir
+        temporary directory and renamed, so a checkpoint that exists is complete (checkpoint.py)."""
+        return save_checkpoint(self)
 
     def save_final(self) -> None:
         acc = self.accelerator

@@ -265,9 +265,6 @@ class _RowReader:
                     row_no, score_key, f"has {len(scores)} scores for {len(responses)} responses"
                 )
             values = [self.number(row_no, s, f"{score_key}[{i}]") for i, s in enumerate(scores)]
-            for i, r in enumerate(responses):
-                if not r.strip():
-                    raise self.error(row_no, f"{c.responses}[{i}]", "is empty")
             out.extend(self._expand(row_no, prompt, responses, values))
         return out
 
@@ -278,7 +275,7 @@ class _RowReader:
             prompt = self.text(row_no, row, c.prompt)
             text_key = next((k for k in RESPONSE_KEYS if k in row), RESPONSE_KEYS[0])
             score_key = next((k for k in SCORE_KEYS if k in row), SCORE_KEYS[0])
-            text = self.text(row_no, row, text_key)
+            text = self.text(row_no, row, text_key, allow_empty=True)
             score = self.number(row_no, self.get(row_no, row, score_key), score_key)
             first_row, texts, scores = groups.setdefault(prompt, (row_no, [], []))
             texts.append(text)
@@ -289,8 +286,16 @@ class _RowReader:
         return out
 
     def _expand(self, row_no: int, prompt: str, responses: list[str], scores: list[float]) -> list[PreferencePair]:
-        """Every two responses with different scores, in index order, the higher-scored one chosen."""
+        """Every two responses with different scores, in index order, the higher-scored one chosen.
+
+        Rated data holds *samples*, not curated pairs: an empty sample (a generation that produced
+        nothing) is dropped and counted rather than stopping the run."""
         out = []
+        empty = [i for i, r in enumerate(responses) if not r.strip()]
+        if empty:
+            self.stats.dropped["empty responses"] += len(empty)
+            keep = [i for i in range(len(responses)) if i not in empty]
+            responses, scores = [responses[i] for i in keep], [scores[i] for i in keep]
         for i in range(len(responses)):
             for j in range(i + 1, len(responses)):
                 if scores[i] == scores[j]:
