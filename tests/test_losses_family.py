@@ -600,3 +600,12 @@ def test_short_training_run(loss_type, extra, first, tiny_llama, easy_data, tmp_
 def test_odpo_offset_function_is_unchanged():
     # the issue-3 offset keeps its meaning: alpha * log(s_w - s_l)
     assert odpo_offset(t(0.9), t(0.4), alpha=0.5).item() == pytest.approx(0.5 * math.log(0.5), abs=1e-12)
+
+
+@pytest.mark.parametrize("name", ["simpo.yaml", "odpo_mixture.yaml"])
+def test_example_configs_are_valid(name):
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "examples" / name
+    c = build_config(TrainConfig, path).validate()
+    assert c.loss_type in ("simpo", "sigmoid,hinge")
