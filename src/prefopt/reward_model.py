@@ -13,6 +13,7 @@ collator (two plain sequences per pair) and the objective (the BT loss) are new.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from collections.abc import Callable
@@ -217,11 +218,14 @@ def train_reward_model(cfg) -> dict[str, Any]:
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     set_seed(cfg.seed)
     tokenizer = load_tokenizer(cfg.tokenizer_name_or_path or cfg.model_name_or_path)
-    train_pairs, train_summary = prepare_dataset(cfg, cfg.dataset, cfg.dataset_split, tokenizer)
+    # ODPO's score policy does not apply: a reward model learns from every labelled pair.
+    data_cfg = dataclasses.replace(cfg, loss_type="dpo")
+    train_pairs, train_summary = prepare_dataset(data_cfg, cfg.dataset, cfg.dataset_split, tokenizer)
     summaries = {"train": train_summary}
     eval_pairs = None
     if cfg.eval_dataset:
-        eval_pairs, summaries["eval"] = prepare_dataset(cfg, cfg.eval_dataset, cfg.eval_dataset_split, tokenizer)
+        eval_pairs, summaries["eval"] = prepare_dataset(data_cfg, cfg.eval_dataset, cfg.eval_dataset_split,
+                                                        tokenizer)
     negative = check_margin_scores(train_pairs, cfg, cfg.dataset)
     if eval_pairs is not None:
         check_margin_scores(eval_pairs, cfg, cfg.eval_dataset)

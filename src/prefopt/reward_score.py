@@ -14,8 +14,10 @@ response): the file is ready for ``loss_type: odpo``.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
+import math
 import os
 import sys
 from dataclasses import dataclass
@@ -124,6 +126,8 @@ def build_rewarder(cfg, *, model: str | None, policy: str | None, ref: str | Non
     if policy or ref:
         if not (policy and ref):
             raise ConfigError("the implicit reward needs both --policy and --ref")
+        if not (cfg.beta > 0 and math.isfinite(cfg.beta)):
+            raise ConfigError(f"beta must be > 0, got {cfg.beta}")
         return ImplicitRewarder(policy, ref, beta=cfg.beta, batch_size=batch_size,
                                 tokenizer_path=cfg.tokenizer_name_or_path, progress=cfg.progress_bar)
     raise ConfigError("give --model RM_DIR, or --policy P --ref R [--beta B] for the implicit reward")
@@ -292,7 +296,10 @@ def evaluate_rewarder(cfg, rewarder, *, n_bins: int = 10, output: str | Path | N
         raise ConfigError("prefopt reward eval needs --dataset")
     if n_bins < 1:
         raise ConfigError(f"--bins must be at least 1, got {n_bins}")
-    pairs, summary = prepare_dataset(cfg, cfg.dataset, cfg.dataset_split, rewarder.tokenizer)
+    # ODPO's score policy (drop pairs whose scores disagree with the label) is no business of a
+    # reward's evaluation: every labelled pair counts.
+    pairs, summary = prepare_dataset(dataclasses.replace(cfg, loss_type="dpo"), cfg.dataset, cfg.dataset_split,
+                                     rewarder.tokenizer)
     print(f"prefopt: {summary_line('eval', summary)}", file=sys.stderr)
     chosen, rejected = rewarder.score_pairs(pairs)
     report = preference_report(chosen, rejected, n_bins=n_bins)
