@@ -300,12 +300,15 @@ def test_reward_cli_errors_are_one_line(capsys, tiny_llama, easy_data, tmp_path)
     from prefopt.cli import main
 
     base = ["--dataset", str(easy_data["eval"])]
+    unscored = write_jsonl(tmp_path / "unscored.jsonl", easy_preferences(4, scores=False))
     cases = [
         (["reward", "score", "--policy", "p", "--model", "m", "--output", str(tmp_path / "x.jsonl")], "either --model"),
         (["reward", "score", "--policy", str(tiny_llama), "--output", str(tmp_path / "x.jsonl")], "both --policy and --ref"),
         (["reward", "score", "--model", str(tiny_llama), "--output", str(tmp_path / "x.txt")], "unsupported file type"),
         (["reward", "eval"], "give --model"),
         (["reward", "train", "--model_name_or_path", str(tiny_llama), "--margin_scal", "2"], "did you mean '--margin_scale'"),
+        (["reward", "train", "--model_name_or_path", str(tiny_llama), "--margin_from_scores", "true",
+          "--dataset", str(unscored)], "margin_from_scores is on but 4 pair(s) have no scores"),
     ]
     for argv, message in cases:
         assert main(argv[:2] + base + argv[2:]) == 2, argv
