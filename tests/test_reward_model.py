@@ -231,7 +231,16 @@ def test_reward_score_feeds_odpo_training(trained_rm, cli, tiny_llama):
               "--progress_bar", "false")
     assert res.returncode == 0, res.stderr
     row = read_metrics(d / "odpo" / "metrics.jsonl")[0]
-    assert math.isfinite(row["loss"]) and row["loss"] != pytest.approx(math.log(2), abs=1e-3)  # offsets act
+    # At step 1 the policy equals the reference (h = 0), so each pair's loss is
+    # -log sigmoid(-alpha * log(s_w - s_l)) = log(1 + (s_w - s_l)) with alpha = 1: the reward model's
+    # scores are the offsets. The first batch is the schedule's first 4 kept pairs (drop policy).
+    from prefopt.train import Schedule
+
+    kept = [r for r in rows if r["score_chosen"] > r["score_rejected"]]
+    first = Schedule(len(kept), 4, 1, 1, seed=42, shuffle=True).step_micro_batches(0)[0]
+    expected = np.mean([math.log1p(kept[i]["score_chosen"] - kept[i]["score_rejected"]) for i in first])
+    assert row["loss"] == pytest.approx(expected, abs=1e-4)
+    assert expected > math.log(2) + 0.5  # far from plain DPO's log 2
 
 
 def test_reward_eval_reports_accuracy_and_calibration(trained_rm, tmp_path):
