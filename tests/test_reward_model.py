@@ -262,7 +262,7 @@ def test_reward_eval_reports_accuracy_and_calibration(trained_rm, tmp_path):
 def test_rated_rows_get_one_score_per_response(trained_rm, tmp_path):
     from prefopt.reward_score import ModelRewarder, score_dataset
 
-    rows = [{"prompt": "the movie was", "responses": ["good great", "bad awful", "nice", "dull"], "id": 1},
+    rows = [{"prompt": "the movie was", "responses": ["good great", "bad awful", "nice", "dull", ""], "id": 1},
             {"prompt": "it is", "responses": ["boring", "wonderful superb"], "id": 2}]
     src = write_jsonl(tmp_path / "rated.jsonl", rows)
     cfg = TrainConfig(dataset=str(src), max_length=32, max_prompt_length=16, progress_bar=False)
@@ -271,15 +271,15 @@ def test_rated_rows_get_one_score_per_response(trained_rm, tmp_path):
     import pyarrow.parquet as pq
 
     out = pq.read_table(tmp_path / "out.parquet").to_pylist()
-    assert [r["id"] for r in out] == [1, 2] and [len(r["scores"]) for r in out] == [4, 2]
+    assert [r["id"] for r in out] == [1, 2] and [len(r["scores"]) for r in out] == [5, 2]
     scorer = reward_model_scorer(trained_rm["dir"])
     for r in out:
-        expected = scorer([f"{r['prompt']} {resp}" for resp in r["responses"]])  # word tokenizer: same ids
+        expected = scorer([f"{r['prompt']} {resp}".strip() for resp in r["responses"]])  # word tokenizer: same ids
         assert r["scores"] == pytest.approx(expected, abs=1e-5)
     assert out[0]["scores"][0] > out[0]["scores"][1] and out[1]["scores"][1] > out[1]["scores"][0]
     # the output is a valid rated file: its pairs load with the reward model's ordering
-    pairs, _ = load_pairs(str(tmp_path / "out.parquet"))
-    assert len(pairs) == 6 + 1
+    pairs, stats = load_pairs(str(tmp_path / "out.parquet"))
+    assert len(pairs) == 6 + 1 and stats.dropped["empty responses"] == 1
 
 
 # ------------------------------------------------------------------------------------------------

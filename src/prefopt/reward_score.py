@@ -167,9 +167,11 @@ def _items(raw: RawRows, fmt: str, c: Columns, tokenizer) -> tuple[list[Response
                 raise DataError(raw.source, row_no, c.responses, "expected a non-empty list of strings", raw.row_label)
             first = len(items)
             for k, text in enumerate(responses):
-                if not isinstance(text, str) or not text.strip():
-                    raise DataError(raw.source, row_no, f"{c.responses}[{k}]", "expected a non-empty string",
-                                    raw.row_label)
+                # an empty sample is scored too (prompt + EOS): every response gets a number, and
+                # the rated loader drops empty samples itself
+                if not isinstance(text, str):
+                    raise DataError(raw.source, row_no, f"{c.responses}[{k}]", f"expected a string, got "
+                                    f"{type(text).__name__}", raw.row_label)
                 items.append(ResponseItem(prompt, text))
                 slots.append(_Slot(pos, c.scores, k))
             groups.append(list(range(first, len(items))))
