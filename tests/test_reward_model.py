@@ -323,3 +323,18 @@ def test_reward_cli_errors_are_one_line(capsys, tiny_llama, easy_data, tmp_path)
         assert main(argv[:2] + base + argv[2:]) == 2, argv
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1, err
+
+
+def test_implicit_format_rows_are_scored_on_their_full_texts(trained_rm, tmp_path):
+    from prefopt.reward_score import ModelRewarder, score_dataset
+
+    rows = [{"chosen": "the movie was good great", "rejected": "the movie was bad", "note": "x"},
+            {"chosen": "it is wonderful", "rejected": "it is dull boring", "note": "y"}]
+    src = write_jsonl(tmp_path / "hh.jsonl", rows)
+    cfg = TrainConfig(dataset=str(src), max_length=32, max_prompt_length=16, progress_bar=False)
+    score_dataset(cfg, ModelRewarder(str(trained_rm["dir"]), batch_size=4, progress=False), tmp_path / "out.json")
+    out = json.loads((tmp_path / "out.json").read_text())
+    assert [r["note"] for r in out] == ["x", "y"] and out[0]["chosen"] == rows[0]["chosen"]
+    scorer = reward_model_scorer(trained_rm["dir"])
+    expected = scorer([t for r in rows for t in (r["chosen"], r["rejected"])])
+    assert [r[k] for r in out for k in ("score_chosen", "score_rejected")] == pytest.approx(expected, abs=1e-5)
