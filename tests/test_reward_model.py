@@ -338,3 +338,24 @@ def test_implicit_format_rows_are_scored_on_their_full_texts(trained_rm, tmp_pat
     scorer = reward_model_scorer(trained_rm["dir"])
     expected = scorer([t for r in rows for t in (r["chosen"], r["rejected"])])
     assert [r[k] for r in out for k in ("score_chosen", "score_rejected")] == pytest.approx(expected, abs=1e-5)
+
+
+def test_reward_training_resumes_exactly(tiny_gpt2, easy_data, tmp_path):
+    # same checkpointing as DPO training: resuming from step 2 reproduces steps 3-4 of a full run
+    def cfg(out, **kw):
+        return TrainConfig(model_name_or_path=str(tiny_gpt2), dataset=str(easy_data["train"]), output_dir=str(out),
+                           max_steps=4, save_steps=2, logging_steps=1, learning_rate=1e-3,
+                           per_device_train_batch_size=8, progress_bar=False, report_to="none",
+                           log_throughput=False, max_length=32, max_prompt_length=16, **kw)
+
+    train_reward_model(cfg(tmp_path / "full"))
+    train_reward_model(cfg(tmp_path / "resumed", resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-2")))
+    full = read_metrics(tmp_path / "full" / "metrics.jsonl")
+    resumed = read_metrics(tmp_path / "resumed" / "metrics.jsonl")
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4]
+    assert resumed == full
+    from safetensors.torch import load_file
+
+    a, b = load_file(tmp_path / "full" / "model.safetensors"), load_file(tmp_path / "resumed" / "model.safetensors")
+    assert a.keys() == b.keys() and "score.weight" in a
+    assert all(torch.equal(a[k], b[k]) for k in a)

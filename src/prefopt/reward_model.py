@@ -69,6 +69,14 @@ class ScalarRewardModel(torch.nn.Module):
                 "architecture whose sequence classifier is `score` (Llama, GPT-2, Mistral, Qwen, ...)"
             )
 
+    # The state dict is the transformers model's own (no "hf." prefix), so checkpoints, resuming
+    # and save_pretrained all see the same keys.
+    def state_dict(self, *args, **kwargs):
+        return self.hf.state_dict(*args, **kwargs)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        return self.hf.load_state_dict(state_dict, strict=strict, assign=assign)
+
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         backbone = self.hf.base_model
         hidden = backbone(
@@ -215,6 +223,9 @@ def train_reward_model(cfg) -> dict[str, Any]:
     cfg.validate()
     if cfg.margin_scale < 0:
         raise ConfigError(f"margin_scale must be >= 0, got {cfg.margin_scale}")
+    from prefopt.preflight import plan_run, prepare_output_dir
+
+    plan = plan_run(cfg)  # output_dir rule, model paths, checkpoint to resume: before anything is read
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     set_seed(cfg.seed)
     tokenizer = load_tokenizer(cfg.tokenizer_name_or_path or cfg.model_name_or_path)
@@ -240,7 +251,7 @@ def train_reward_model(cfg) -> dict[str, Any]:
                               disable_dropout_=cfg.disable_dropout)
     output_dir = Path(cfg.output_dir)
     if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
+        prepare_output_dir(cfg, plan)  # every input is checked by now: only now may an old run go
         save_config(cfg, output_dir / "config.yaml")
         summaries["margin_clamped_to_zero"] = negative
         (output_dir / "data_summary.json").write_text(json.dumps(summaries, indent=2) + "\n")
@@ -259,6 +270,10 @@ def train_reward_model(cfg) -> dict[str, Any]:
         save_model=save_model,
         accelerator=accelerator,
     )
+    if plan.resume_from is not None:
+        from prefopt.checkpoint import restore
+
+        restore(trainer, plan.resume_from)
     return trainer.train()
 
 
