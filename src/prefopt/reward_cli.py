@@ -9,7 +9,7 @@ from pathlib import Path
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    from prefopt.cli import _config_command_args
+    from prefopt.cli import _config_command_args, _train_args
 
     sub = parser.add_subparsers(dest="reward_command", metavar="SUBCOMMAND", required=True)
 
@@ -21,7 +21,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
     add("train", "Train a Bradley-Terry reward model (same config keys, loop and outputs as `prefopt train`).",
         _train)
-    _config_command_args(sub.choices["train"])
+    _train_args(sub.choices["train"])  # the config keys and --resume, as for `prefopt train`
 
     for name, help_text, fn in (
         ("score", "Add each response's reward to a dataset (score_chosen/score_rejected, or scores), "
@@ -52,6 +52,8 @@ def _train(args, unknown) -> int:
     from prefopt.reward_model import train_reward_model
 
     cfg = _config_from_args(args, unknown)
+    if getattr(args, "resume", False) and not cfg.resume_from_checkpoint:
+        cfg.resume_from_checkpoint = "latest"
     train_reward_model(cfg)
     print(f"prefopt: reward model saved to {cfg.output_dir}", file=sys.stderr)
     return 0
