@@ -106,6 +106,19 @@ def _validate(args, unknown) -> int:
     return 0
 
 
+def _reward_args(parser: argparse.ArgumentParser) -> None:
+    from prefopt.reward_cli import configure
+
+    configure(parser)
+
+
+@command("reward", "Bradley-Terry reward models: train, score a dataset for ODPO, evaluate.", _reward_args)
+def _reward(args, unknown) -> int:
+    from prefopt.reward_cli import run
+
+    return run(args, unknown)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="prefopt", description="Align causal LMs with preference data: DPO, ODPO, reward models.",

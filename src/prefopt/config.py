@@ -161,6 +161,13 @@ class TrainConfig:
         choices=("stop", "skip"),
     )
     max_skipped_steps: int = opt(10, "With on_nonfinite: skip, stop anyway after this many skipped steps.")
+    # --- reward model (issue 5) ---
+    margin_from_scores: bool = opt(
+        False,
+        "Reward model: BT margin m = margin_scale * max(score_chosen - score_rejected, 0) inside the sigmoid.",
+        group="reward model",
+    )
+    margin_scale: float = opt(1.0, "Reward model: factor on the score difference in the margin.", group="reward model")
 
     def validate(self) -> TrainConfig:
         from prefopt.losses import LOSSES

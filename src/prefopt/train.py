@@ -251,7 +251,7 @@ class Trainer:
                     row["skipped_steps"] = self.skipped_steps
                 self.logger.log(row)
                 last_row = row
-                bar.set_postfix(loss=f"{row.get('loss', float('nan')):.4f}", acc=f"{row.get('rewards/accuracies', float('nan')):.2f}")
+                bar.set_postfix(loss=f"{row.get('loss', float('nan')):.4f}", acc=f"{row.get('rewards/accuracies', row.get('accuracy', float('nan'))):.2f}")
                 window.update(sums=defaultdict(float), pairs=0, tokens=0)
                 window_start = time.perf_counter()
             if cfg.eval_steps > 0 and self.step % cfg.eval_steps == 0 and self.step < self.total_steps:
