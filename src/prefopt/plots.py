@@ -45,6 +45,7 @@ def plot_frontier(entries: list[dict[str, Any]], path: str | Path, *, title: str
                             fontsize=7, color=color or "black")
     for r in refs:
         ax.plot([r.get("kl", 0.0)], [r["reward"]], "k*", markersize=13, label=str(r.get("name", "reference")).upper())
+    ax.margins(x=0.15, y=0.1)  # room for the point labels
     ax.set_xlabel("sequence KL(policy || reference)  [nats]")
     ax.set_ylabel("mean ground-truth reward of samples")
     ax.set_title(title)
