@@ -222,7 +222,7 @@ def test_demo_quick_eval_and_plot_end_to_end(cli, tmp_path):
     assert runs[0]["kl"] == 0.0 and runs[0]["accuracy"] is None
     assert runs[2]["alpha"] == 0.5 and runs[1]["alpha"] is None
     md = (out / "report.md").read_text()
-    assert "| dpo_beta0.1 | dpo |" in md and "| sft | sft |" in md
+    assert "| dpo_beta1.0 | dpo |" in md and "| sft | sft |" in md
     assert (out / "frontier.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     pairs = [json.loads(line) for line in (out / "data" / "train_pairs.jsonl").read_text().splitlines()]
     assert pairs and all(p["score_chosen"] > p["score_rejected"] for p in pairs)
@@ -233,13 +233,13 @@ def test_demo_quick_eval_and_plot_end_to_end(cli, tmp_path):
     dpo = runs[1]
     s = report["settings"]
     ev = tmp_path / "eval"
-    res = cli("eval", "--model", out / "runs" / "dpo_beta0.1", "--ref", out / "sft",
+    res = cli("eval", "--model", out / "runs" / "dpo_beta1.0", "--ref", out / "sft",
               "--prompts", out / "data" / "eval_prompts.jsonl", "--scorer", report["scorer"],
               "--num_samples", s["eval_samples"], "--max_new_tokens", s["max_new_tokens"], "--seed", s["seed"] + 4,
               "--batch_size", 64, "--pairs", out / "data" / "heldout_pairs.jsonl", "--output_dir", ev)
     assert res.returncode == 0, res.stderr
-    got = json.loads((ev / "eval_dpo_beta0.1.json").read_text())
-    assert (got["method"], got["beta"], got["alpha"]) == ("dpo", 0.1, None)  # read from the run's config.yaml
+    got = json.loads((ev / "eval_dpo_beta1.0.json").read_text())
+    assert (got["method"], got["beta"], got["alpha"]) == ("dpo", 1.0, None)  # read from the run's config.yaml
     for key in ("reward", "kl", "kl_k3", "win_rate", "accuracy"):
         assert got[key] == pytest.approx(dpo[key], abs=1e-4), key
     assert got["reward_ref"] == pytest.approx(runs[0]["reward"], abs=1e-4)
@@ -252,7 +252,7 @@ def test_demo_quick_eval_and_plot_end_to_end(cli, tmp_path):
     assert (out / "training_curves.png").exists() and (out / "frontier.png").exists()
 
     # Input errors are one line and exit status 2.
-    res = cli("eval", "--model", out / "runs" / "dpo_beta0.1", "--ref", out / "sft", "--prompts",
+    res = cli("eval", "--model", out / "runs" / "dpo_beta1.0", "--ref", out / "sft", "--prompts",
               out / "data" / "eval_prompts.jsonl", "--scorer", "no_such_module_xyz:f", "--output_dir", ev)
     assert res.returncode == 2 and "Traceback" not in res.stderr and "no_such_module_xyz" in res.stderr
     res = cli("plot", tmp_path / "missing")

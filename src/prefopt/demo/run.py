@@ -38,20 +38,22 @@ class DemoSettings:
     samples_per_prompt: int = 4
     heldout_pair_prompts: int = 100
     # preference training (same keys as `prefopt train`)
-    betas: tuple[float, ...] = (0.5, 0.2, 0.1, 0.05)
+    # Large betas by LM standards: the tiny model reaches the beta-dependent equilibrium (where
+    # sigma(-beta*h) saturates) within a few epochs only when beta*h saturates at a small h.
+    betas: tuple[float, ...] = (4.0, 2.0, 1.0, 0.5, 0.25)
     odpo_alpha: float = 0.5
-    learning_rate: float = 1e-3
+    learning_rate: float = 5e-4
     batch_size: int = 32
-    epochs: float = 2.0
+    epochs: float = 4.0
     # evaluation
-    eval_prompts: int = 128
-    eval_samples: int = 2
+    eval_prompts: int = 200
+    eval_samples: int = 4
     max_new_tokens: int = 24
     methods: tuple[str, ...] = field(default=("dpo", "odpo"))
 
 
 QUICK = DemoSettings(sft_reviews=1000, sft_steps=120, train_prompts=96, heldout_pair_prompts=24,
-                     betas=(0.1,), epochs=1.0, eval_prompts=24, eval_samples=2)
+                     betas=(1.0,), epochs=1.0, eval_prompts=24, eval_samples=2)
 FULL = DemoSettings()
 
 
