@@ -282,7 +282,8 @@ def run_config(model_dir: str) -> dict[str, Any]:
     if not isinstance(cfg, dict) or "loss_type" not in cfg:
         return {}
     out = {"method": cfg["loss_type"], "beta": cfg.get("beta")}
-    out["alpha"] = cfg.get("alpha") if cfg["loss_type"] == "odpo" else None
+    offset = cfg["loss_type"] == "odpo" or bool(cfg.get("use_offset"))  # use_offset: any loss + ODPO's offset
+    out["alpha"] = cfg.get("alpha") if offset else None
     return out
 
 

@@ -33,16 +33,21 @@ def plot_frontier(entries: list[dict[str, Any]], path: str | Path, *, title: str
     for e in entries:
         if e not in refs:
             by_method.setdefault(str(e.get("method") or e.get("name") or "model"), []).append(e)
-    for method, points in by_method.items():
+    for i, (method, points) in enumerate(by_method.items()):
         points = sorted(points, key=lambda e: e["kl"])
         color = METHOD_COLORS.get(method)
-        ax.plot([p["kl"] for p in points], [p["reward"] for p in points], "o-", color=color, label=method.upper(),
+        # An alpha shared by the whole curve goes in the legend, not on every point.
+        alphas = {p.get("alpha") for p in points}
+        shared_alpha = alphas.pop() if len(alphas) == 1 else None
+        legend = method.upper() + (f" (α={shared_alpha:g})" if shared_alpha is not None else "")
+        ax.plot([p["kl"] for p in points], [p["reward"] for p in points], "o-", color=color, label=legend,
                 markersize=6)
         for p in points:
-            label = _point_label(p)
+            label = _point_label(p, with_alpha=shared_alpha is None)
             if label:
-                ax.annotate(label, (p["kl"], p["reward"]), textcoords="offset points", xytext=(5, -11),
-                            fontsize=7, color=color or "black")
+                # Alternate curves label below / above their points, so two close curves stay legible.
+                ax.annotate(label, (p["kl"], p["reward"]), textcoords="offset points",
+                            xytext=(4, -12) if i % 2 == 0 else (-6, 7), fontsize=7, color=color or "black")
     for r in refs:
         ax.plot([r.get("kl", 0.0)], [r["reward"]], "k*", markersize=13, label=str(r.get("name", "reference")).upper())
     ax.margins(x=0.15, y=0.1)  # room for the point labels
@@ -58,11 +63,11 @@ def plot_frontier(entries: list[dict[str, Any]], path: str | Path, *, title: str
     return path
 
 
-def _point_label(p: dict[str, Any]) -> str:
+def _point_label(p: dict[str, Any], *, with_alpha: bool = True) -> str:
     parts = []
     if p.get("beta") is not None:
         parts.append(f"β={p['beta']:g}")
-    if p.get("alpha") is not None:
+    if with_alpha and p.get("alpha") is not None:
         parts.append(f"α={p['alpha']:g}")
     if not parts and p.get("name"):
         parts.append(str(p["name"]))
