@@ -203,6 +203,36 @@ def test_kl_matches_enumeration_on_a_bigram_model():
     assert draw(1) == draw(1) != draw(2)
 
 
+def test_sampled_logps_match_generate_with_left_padding(tiny_llama):
+    """Prompts of different lengths are left-padded for generate and right-padded for scoring: the
+    log-probs ``sample_logps`` gives must equal generate's own, or the KL would be measured on a
+    different distribution than the one sampled."""
+    from prefopt.evaluate import encode_prompts
+    from prefopt.modeling import load_causal_lm, load_tokenizer
+
+    tok, model = load_tokenizer(str(tiny_llama)), load_causal_lm(str(tiny_llama))
+    ids = encode_prompts(tok, ["the movie", "a film with a really quite dull plot", "it"])
+    assert len({len(p) for p in ids}) == 3 and all(p[0] == tok.bos_token_id for p in ids)
+    width = max(map(len, ids))
+    inp = torch.full((3, width), tok.pad_token_id)
+    att = torch.zeros((3, width), dtype=torch.long)
+    for r, p in enumerate(ids):
+        inp[r, width - len(p):], att[r, width - len(p):] = torch.tensor(p), 1
+    torch.manual_seed(0)
+    g = model.generate(input_ids=inp, attention_mask=att, do_sample=True, top_k=0, top_p=1.0, max_new_tokens=6,
+                       pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, output_logits=True,
+                       return_dict_in_generate=True)
+    step_logps = torch.stack(g.logits, 1).float().log_softmax(-1)  # [3, T, V]
+    samples, expected = [], []
+    for r in range(3):
+        toks = g.sequences[r, width:].tolist()
+        if tok.eos_token_id in toks:
+            toks = toks[: toks.index(tok.eos_token_id) + 1]
+        samples.append(Sample(r, 0, ids[r], toks))
+        expected.append(sum(step_logps[r, t, x].item() for t, x in enumerate(toks)))
+    assert sample_logps(model, samples, pad_token_id=tok.pad_token_id).tolist() == pytest.approx(expected, abs=1e-4)
+
+
 # ---------------------------------------------------------------------------- commands end to end
 
 REPORT_FIELDS = ("method", "beta", "alpha", "reward", "kl", "accuracy")

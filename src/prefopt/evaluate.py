@@ -168,8 +168,8 @@ def preference_accuracy(policy, ref, pairs_file: str, tokenizer, *, beta: float,
     from prefopt.data.collate import PaddedPairCollator
     from prefopt.pipeline import compute_pair_logps, prepare_dataset
 
-    cfg = TrainConfig(model_name_or_path="-", dataset=pairs_file, max_length=max_length,
-                      max_prompt_length=None)
+    # Training's defaults for everything but the lengths (scoring needs no prompt cut).
+    cfg = TrainConfig(dataset=pairs_file, max_length=max_length, max_prompt_length=None)
     pairs, _ = prepare_dataset(cfg, pairs_file, "train", tokenizer)
     collator = PaddedPairCollator(tokenizer.pad_token_id)
     device = device or next(policy.parameters()).device
