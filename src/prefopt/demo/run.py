@@ -200,5 +200,6 @@ def report_markdown(report: dict[str, Any]) -> str:
                      f"{fmt(r['kl'])} | {fmt(r['kl_k3'])} | {fmt(r['win_rate'])} | {fmt(r['accuracy'])} |")
     d = report["data"]
     lines += ["", f"Preference data: {d['train']['pairs']} training pairs from {d['train']['prompts']} prompts "
-              f"({d['train']['ties_skipped']} tied samples skipped), {d['heldout']['pairs']} held-out pairs.", ""]
+              f"({d['train']['ties_skipped']} tied sample pairs skipped), {d['heldout']['pairs']} held-out pairs.", "",
+              "![reward against KL](frontier.png)", "", "Training curves: `training_curves.png`.", ""]
     return "\n".join(lines)
