@@ -359,3 +359,15 @@ def test_reward_training_resumes_exactly(tiny_gpt2, easy_data, tmp_path):
     a, b = load_file(tmp_path / "full" / "model.safetensors"), load_file(tmp_path / "resumed" / "model.safetensors")
     assert a.keys() == b.keys() and "score.weight" in a
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_reward_model_directory_is_a_scorer_for_eval(trained_rm, tiny_llama):
+    from prefopt.errors import PrefoptError
+    from prefopt.scorers import load_scorer
+
+    texts = ["the movie was wonderful lovely", "the film is awful boring"]
+    scorer = load_scorer(str(trained_rm["dir"]))
+    assert scorer(texts) == pytest.approx(reward_model_scorer(str(trained_rm["dir"]))(texts), abs=1e-6)
+    assert scorer(texts)[0] > scorer(texts)[1]
+    with pytest.raises(PrefoptError, match="not a reward model directory"):
+        load_scorer(str(tiny_llama))  # a causal LM, not a reward model

@@ -119,6 +119,67 @@ def _reward(args, unknown) -> int:
     return run(args, unknown)
 
 
+# --- demo, eval, plot (issue 4) ---
+def _demo_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--output_dir", default="runs/demo", help="Where the report and all runs go.")
+    parser.add_argument("--quick", action="store_true", help="A smaller run (under a minute), used by the tests.")
+
+
+@command("demo", "Offline controlled-sentiment experiment: SFT, DPO and ODPO on a toy language.", _demo_args)
+def _demo(args, unknown) -> int:
+    from prefopt.demo.run import run_demo
+
+    _reject_extra(unknown)
+    run_demo(args.output_dir, quick=args.quick)
+    return 0
+
+
+def _eval_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", action="append", required=True, metavar="POLICY",
+                        help="Policy directory; repeat for several.")
+    parser.add_argument("--ref", required=True, metavar="REF", help="Reference model directory (e.g. the SFT model).")
+    parser.add_argument("--prompts", required=True, metavar="FILE", help=".txt (one per line) or a table with `prompt`.")
+    parser.add_argument("--scorer", required=True, metavar="SCORER", help="module:function from texts to scores, or a reward-model directory.")
+    parser.add_argument("--num_samples", type=int, default=4, help="Samples per prompt and model.")
+    parser.add_argument("--max_new_tokens", type=int, default=64, help="Longest completion sampled.")
+    parser.add_argument("--output_dir", default="eval", help="Where eval_*.json and frontier.png go.")
+    parser.add_argument("--pairs", metavar="FILE", help="Pair file for the implicit reward's preference accuracy.")
+    parser.add_argument("--beta", type=float, help="Beta of the implicit reward (default: the model's config.yaml).")
+    parser.add_argument("--batch_size", type=int, default=32, help="Sequences per generate / forward call.")
+    parser.add_argument("--seed", type=int, default=0, help="Sampling seed.")
+
+
+@command("eval", "Sample from policies and report reward, KL from the reference, win rate, accuracy.", _eval_args)
+def _eval(args, unknown) -> int:
+    from prefopt.evaluate import run_eval
+
+    _reject_extra(unknown)
+    run_eval(args.model, args.ref, prompts=args.prompts, scorer=args.scorer, num_samples=args.num_samples,
+             max_new_tokens=args.max_new_tokens, output_dir=args.output_dir, pairs=args.pairs, beta=args.beta,
+             batch_size=args.batch_size, seed=args.seed)
+    return 0
+
+
+def _plot_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("output_dir", metavar="OUTPUT_DIR", help="Directory with metrics.jsonl and/or eval JSON files.")
+
+
+@command("plot", "Draw training curves (metrics.jsonl) and the reward-KL frontier (eval JSON) in a directory.",
+         _plot_args)
+def _plot(args, unknown) -> int:
+    from prefopt.plots import plot_directory
+
+    _reject_extra(unknown)
+    for path in plot_directory(args.output_dir):
+        print(f"prefopt: wrote {path}", file=sys.stderr)
+    return 0
+
+
+def _reject_extra(unknown: list[str]) -> None:
+    if unknown:
+        raise ConfigError(f"unexpected argument {unknown[0]!r}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="prefopt", description="Align causal LMs with preference data: DPO, ODPO, reward models.",

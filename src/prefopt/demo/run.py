@@ -1,0 +1,205 @@
+"""``prefopt demo``: the papers' controlled-sentiment experiment in a small offline world.
+
+Stages (each with its own progress bar):
+  1. world     the toy review language, its tokenizer and the SFT corpus
+  2. sft       a tiny Llama trained on the reviews (the reference policy)
+  3. data      preference pairs from SFT samples scored by the ground-truth scorer
+  4. train     DPO and ODPO from the SFT model with ``prefopt.pipeline.train`` (``prefopt train``'s code)
+  5. eval      every run on held-out prompts: reward, KL from the SFT model, accuracy on held-out pairs
+  6. report    report.json, report.md, frontier.png, training_curves.png
+
+Seeds are fixed everywhere, so a rerun on the same machine writes the same report.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+SCORER = "prefopt.demo.world:sentiment_score"
+
+
+@dataclass(frozen=True)
+class DemoSettings:
+    seed: int = 0
+    # world + SFT
+    sft_reviews: int = 4000
+    sft_steps: int = 500
+    sft_batch_size: int = 64
+    sft_learning_rate: float = 3e-3
+    hidden_size: int = 64
+    layers: int = 2
+    # preference data: prompts x samples (pairs are samples (0,1), (2,3), ...)
+    train_prompts: int = 600
+    samples_per_prompt: int = 4
+    heldout_pair_prompts: int = 100
+    # preference training (same keys as `prefopt train`)
+    # Large betas by LM standards: the tiny model reaches the beta-dependent equilibrium (where
+    # sigma(-beta*h) saturates) within a few epochs only when beta*h saturates at a small h.
+    betas: tuple[float, ...] = (4.0, 2.0, 1.0, 0.5, 0.25)
+    odpo_alpha: float = 0.5
+    learning_rate: float = 5e-4
+    batch_size: int = 32
+    epochs: float = 4.0
+    # evaluation
+    eval_prompts: int = 200
+    eval_samples: int = 4
+    max_new_tokens: int = 24
+    methods: tuple[str, ...] = field(default=("dpo", "odpo"))
+
+
+QUICK = DemoSettings(sft_reviews=1000, sft_steps=120, train_prompts=96, heldout_pair_prompts=24,
+                     betas=(1.0,), epochs=1.0, eval_prompts=24, eval_samples=2)
+FULL = DemoSettings()
+
+
+def _stage(n: int, total: int, text: str) -> None:
+    print(f"prefopt demo [{n}/{total}] {text}", file=sys.stderr, flush=True)
+
+
+def run_demo(output_dir: str | Path, *, quick: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Run every stage and write the report files into ``output_dir``; return report.json's content."""
+    import torch
+
+    from prefopt.demo import world
+    from prefopt.demo.sft import build_sft_model, train_sft
+    from prefopt.evaluate import evaluate_policy, sample_and_score
+    from prefopt.modeling import load_causal_lm, load_tokenizer
+    from prefopt.scorers import load_scorer
+    from prefopt.toy import word_tokenizer, write_jsonl
+
+    settings = QUICK if quick else FULL
+    s = settings
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    # One thread: the model is tiny (threads buy little), results do not depend on the core count,
+    # and a busy machine does not make OpenMP threads spin against each other.
+    torch.set_num_threads(1)
+    total = 6
+
+    _stage(1, total, "world: vocabulary, tokenizer, review corpus")
+    tokenizer = word_tokenizer(world.vocabulary())
+    reviews = world.make_reviews(s.sft_reviews, seed=s.seed)
+    scorer = load_scorer(SCORER)
+
+    _stage(2, total, f"sft: tiny Llama on {len(reviews)} reviews, {s.sft_steps} steps")
+    sft_dir = out / "sft"
+    model = build_sft_model(sft_dir, tokenizer, seed=s.seed, hidden_size=s.hidden_size, layers=s.layers)
+    train_sft(model, tokenizer, [f"{p} {c}" for p, c in reviews], steps=s.sft_steps, batch_size=s.sft_batch_size,
+              learning_rate=s.sft_learning_rate, seed=s.seed, progress=progress)
+    model.save_pretrained(sft_dir)
+    tokenizer.save_pretrained(sft_dir)
+    tokenizer = load_tokenizer(str(sft_dir))
+    sft = load_causal_lm(str(sft_dir))
+
+    _stage(3, total, f"data: {s.samples_per_prompt} SFT samples per prompt, scored, paired")
+    data_dir = out / "data"
+    pair_files = {}
+    data_stats = {}
+    for role, n_prompts, seed in (("train", s.train_prompts, s.seed + 1), ("heldout", s.heldout_pair_prompts, s.seed + 2)):
+        prompts = world.make_prompts(n_prompts, seed=seed)
+        got = sample_and_score(sft, tokenizer, prompts, scorer, num_samples=s.samples_per_prompt,
+                               max_new_tokens=s.max_new_tokens, seed=seed, progress=progress, desc=f"{role} samples")
+        k = s.samples_per_prompt
+        comps = [got.completions[i * k:(i + 1) * k] for i in range(n_prompts)]
+        scores = [got.scores[i * k:(i + 1) * k] for i in range(n_prompts)]
+        rows, ties = world.build_pairs(prompts, comps, scores)
+        pair_files[role] = write_jsonl(data_dir / f"{role}_pairs.jsonl", rows)
+        data_stats[role] = {"prompts": n_prompts, "pairs": len(rows), "ties_skipped": ties}
+    eval_prompts = world.make_prompts(s.eval_prompts, seed=s.seed + 3)
+    write_jsonl(data_dir / "eval_prompts.jsonl", [{"prompt": p} for p in eval_prompts])
+
+    runs = [(m, beta) for m in s.methods for beta in s.betas]
+    _stage(4, total, f"train: {len(runs)} runs ({', '.join(s.methods)} at beta {', '.join(map(str, s.betas))})")
+    run_dirs = []
+    for method, beta in runs:
+        name = f"{method}_beta{beta}" + (f"_alpha{s.odpo_alpha}" if method == "odpo" else "")
+        run_dir = out / "runs" / name
+        _train_run(run_dir, sft_dir, pair_files, method=method, beta=beta, settings=s, progress=progress)
+        run_dirs.append((name, method, beta, run_dir))
+
+    _stage(5, total, f"eval: {len(run_dirs) + 1} models on {len(eval_prompts)} held-out prompts")
+    eval_kwargs = dict(num_samples=s.eval_samples, max_new_tokens=s.max_new_tokens, seed=s.seed + 4)
+    ref_set = sample_and_score(sft, tokenizer, eval_prompts, scorer, progress=progress, desc="sft samples",
+                               **eval_kwargs)
+    entries = [{"name": "sft", "method": "sft", "beta": None, "alpha": None, "reward": ref_set.mean_score,
+                "kl": 0.0, "kl_k3": 0.0, "accuracy": None, "win_rate": 0.5, "mean_length": ref_set.mean_length}]
+    for name, method, beta, run_dir in run_dirs:
+        policy = load_causal_lm(str(run_dir))
+        result = evaluate_policy(policy, sft, tokenizer, eval_prompts, scorer, ref_set=ref_set,
+                                 pairs_file=str(pair_files["heldout"]), beta=beta, progress=progress,
+                                 desc=f"{name} samples", **eval_kwargs)
+        (run_dir / "eval.json").write_text(json.dumps(_rounded(result), indent=2) + "\n")
+        entries.append({"name": name, "method": method, "beta": beta,
+                        "alpha": s.odpo_alpha if method == "odpo" else None,
+                        **{k: result[k] for k in ("reward", "kl", "kl_k3", "accuracy", "win_rate",
+                                                  "reward_margin", "mean_length", "kl_stderr")}})
+
+    _stage(6, total, f"report: {out}/report.json, report.md, frontier.png")
+    report = _rounded({"scorer": SCORER, "quick": quick, "settings": asdict(s), "data": data_stats, "runs": entries})
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / "report.md").write_text(report_markdown(report))
+    from prefopt.plots import plot_frontier, plot_training_curves
+
+    plot_frontier(entries, out / "frontier.png", title="Toy controlled sentiment: reward vs KL from SFT")
+    plot_training_curves({name: run_dir / "metrics.jsonl" for name, _, _, run_dir in run_dirs},
+                         out / "training_curves.png")
+    print(f"prefopt demo: done in {time.perf_counter() - started:.0f} s; report in {out / 'report.md'}",
+          file=sys.stderr)
+    return report
+
+
+def _train_run(run_dir: Path, sft_dir: Path, pair_files: dict, *, method: str, beta: float, settings: DemoSettings,
+               progress: bool) -> None:
+    """One preference run through the exact code of ``prefopt train``."""
+    import shutil
+
+    from prefopt.config import TrainConfig
+    from prefopt.pipeline import train
+
+    shutil.rmtree(run_dir, ignore_errors=True)  # metrics.jsonl appends: start clean
+    cfg = TrainConfig(
+        model_name_or_path=str(sft_dir), dataset=str(pair_files["train"]), eval_dataset=str(pair_files["heldout"]),
+        loss_type=method, beta=beta, alpha=settings.odpo_alpha, learning_rate=settings.learning_rate,
+        per_device_train_batch_size=settings.batch_size, per_device_eval_batch_size=64,
+        num_train_epochs=settings.epochs, warmup_steps=0, lr_scheduler_type="linear", seed=settings.seed,
+        max_length=64, max_prompt_length=32, output_dir=str(run_dir), logging_steps=5, save_steps=0,
+        report_to="none", progress_bar=progress,
+    )
+    train(cfg)
+
+
+def _rounded(value: Any, digits: int = 4) -> Any:
+    """Round floats for the report (reruns then compare equal even across tiny float noise)."""
+    if isinstance(value, float):
+        return round(value, digits)
+    if isinstance(value, dict):
+        return {k: _rounded(v, digits) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_rounded(v, digits) for v in value]
+    return value
+
+
+def report_markdown(report: dict[str, Any]) -> str:
+    def fmt(v):
+        return "—" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
+
+    lines = ["# prefopt demo: toy controlled sentiment", "",
+             f"Ground-truth scorer `{report['scorer']}`; KL is the sequence KL from the SFT model, "
+             "estimated on the held-out prompts' samples; accuracy is the implicit reward's preference "
+             "accuracy on held-out pairs.", "",
+             "| run | method | beta | alpha | reward | KL | KL (k3) | win rate vs SFT | accuracy |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in report["runs"]:
+        lines.append(f"| {r['name']} | {r['method']} | {fmt(r['beta'])} | {fmt(r['alpha'])} | {fmt(r['reward'])} | "
+                     f"{fmt(r['kl'])} | {fmt(r['kl_k3'])} | {fmt(r['win_rate'])} | {fmt(r['accuracy'])} |")
+    d = report["data"]
+    lines += ["", f"Preference data: {d['train']['pairs']} training pairs from {d['train']['prompts']} prompts "
+              f"({d['train']['ties_skipped']} tied sample pairs skipped), {d['heldout']['pairs']} held-out pairs.", "",
+              "![reward against KL](frontier.png)", "", "Training curves: `training_curves.png`.", ""]
+    return "\n".join(lines)
