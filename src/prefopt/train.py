@@ -160,6 +160,8 @@ class Trainer:
             # into micro-batches and processes; DDP averages gradients, hence the num_processes factor.
             scale = acc.num_processes / global_pairs
             context = acc.no_sync(self.model) if not last else contextlib.nullcontext()
+            # DeepSpeed steps inside backward at an accumulation boundary: mark only the last one.
+            acc.gradient_state._set_sync_gradients(last)
             with context:
                 losses, metrics, n_tokens = self._forward(shard, self.train_data)
                 acc.backward(losses.sum() * scale)
@@ -172,7 +174,9 @@ class Trainer:
             grad_norm = acc.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm)
         else:
             grad_norm = _grad_norm(self.model.parameters())
-        sums["grad_norm"] = float(grad_norm) * pairs  # averaged per pair like the rest
+        # DeepSpeed clips inside its engine and may report no norm: log NaN then, not a crash.
+        grad_norm = float("nan") if grad_norm is None else float(grad_norm)
+        sums["grad_norm"] = grad_norm * pairs  # averaged per pair like the rest
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -257,12 +261,20 @@ class Trainer:
         return row
 
     # ------------------------------------------------------------------ saving
-    def _save_model(self, directory: Path) -> None:
+    def _gather_state_dict(self) -> dict | None:
+        """The full state dict when the weights are sharded (FSDP, ZeRO-3), else ``None``. Every
+        process must call this (it is a collective), before the main process writes."""
+        from prefopt.distributed import is_sharded
+
+        return self.accelerator.get_state_dict(self.model) if is_sharded(self.accelerator) else None
+
+    def _save_model(self, directory: Path, state_dict: dict | None = None) -> None:
         model = self.accelerator.unwrap_model(self.model)
+        kwargs = {"state_dict": state_dict} if state_dict is not None else {}
         if self.save_model_fn is not None:
-            self.save_model_fn(model, directory)
+            self.save_model_fn(model, directory, **kwargs)
         else:
-            model.save_pretrained(directory)
+            model.save_pretrained(directory, **kwargs)
 
     def save_checkpoint(self) -> Path:
         """``checkpoint-STEP/``: model, optimizer, scheduler, step and RNG states. Written into a
@@ -271,10 +283,11 @@ class Trainer:
         final_dir = self.output_dir / f"checkpoint-{self.step}"
         tmp_dir = self.output_dir / f".tmp-checkpoint-{self.step}"
         acc.wait_for_everyone()
+        state_dict = self._gather_state_dict()
         if acc.is_main_process:
             shutil.rmtree(tmp_dir, ignore_errors=True)
             tmp_dir.mkdir(parents=True)
-            self._save_model(tmp_dir)
+            self._save_model(tmp_dir, state_dict)
             torch.save(
                 {
                     "step": self.step,
@@ -294,8 +307,9 @@ class Trainer:
     def save_final(self) -> None:
         acc = self.accelerator
         acc.wait_for_everyone()
+        state_dict = self._gather_state_dict()
         if acc.is_main_process:
-            self._save_model(self.output_dir)
+            self._save_model(self.output_dir, state_dict)
         acc.wait_for_everyone()
 
 
