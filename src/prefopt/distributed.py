@@ -45,10 +45,15 @@ def build_accelerator(cfg):
     on_gpu = torch.cuda.is_available()
     if cfg.fp16 and not on_gpu:
         raise ConfigError("fp16 mixed precision needs a CUDA GPU (its loss scaler is CUDA-only); on CPU use bf16")
-    kwargs = {"cpu": not on_gpu, "mixed_precision": mixed_precision(cfg)}
+    kwargs = {"cpu": not on_gpu}
+    if mixed_precision(cfg) != "no":  # else the launcher's setting (accelerate config) stands
+        kwargs["mixed_precision"] = mixed_precision(cfg)
     if cfg.torch_compile:
         kwargs["dynamo_backend"] = "inductor"
-    accelerator = Accelerator(**kwargs)
+    try:
+        accelerator = Accelerator(**kwargs)
+    except ImportError as e:  # e.g. a DeepSpeed config without the deepspeed package
+        raise ConfigError(f"the Accelerate launch config needs a missing package: {e}") from None
     check_engine(accelerator)
     if engine_of(accelerator) == "deepspeed":
         configure_deepspeed(accelerator, cfg)
@@ -225,6 +230,6 @@ def build_models(cfg, accelerator):
         policy = add_lora(policy, cfg)
         if reference is None:
             reference = AdapterOffReference(policy)
-    if mixed_precision(cfg) != "no":
+    if accelerator.mixed_precision != "no":
         reference = AutocastReference(reference, accelerator)
     return policy, reference
