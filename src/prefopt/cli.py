@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
 
@@ -55,7 +56,8 @@ def _train(args, unknown) -> int:
 
     cfg = _config_from_args(args, unknown)
     train(cfg)
-    print(f"prefopt: model saved to {cfg.output_dir}", file=sys.stderr)
+    if os.environ.get("RANK", "0") == "0":  # once, not once per process (torchrun / accelerate launch)
+        print(f"prefopt: model saved to {cfg.output_dir}", file=sys.stderr)
     return 0
 
 

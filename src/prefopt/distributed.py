@@ -45,6 +45,10 @@ def build_accelerator(cfg):
     on_gpu = torch.cuda.is_available()
     if cfg.fp16 and not on_gpu:
         raise ConfigError("fp16 mixed precision needs a CUDA GPU (its loss scaler is CUDA-only); on CPU use bf16")
+    if cfg.use_peft and cfg.load_in_4bit:
+        from prefopt.peft_support import quantization_config
+
+        quantization_config(cfg)  # fail before any data is read when QLoRA cannot run here
     kwargs = {"cpu": not on_gpu}
     if mixed_precision(cfg) != "no":  # else the launcher's setting (accelerate config) stands
         kwargs["mixed_precision"] = mixed_precision(cfg)
