@@ -1,6 +1,6 @@
 """Multi-process training on CPU (gloo): the same global batch split over 2 processes, over
 micro-batches, or run whole must give the same losses and weights; FSDP2 sharding of the reference
-must not change its log-probs; asking for an engine that cannot run is an error."""
+(and its sharded reference) must match too; asking for an engine that cannot run is an error."""
 
 from __future__ import annotations
 
@@ -70,17 +70,27 @@ def assert_same_run(a: Path, b: Path, *, loss_tol: float = 1e-6, weight_tol: flo
             assert not torch.equal(wa[name], initial[name]), f"{name} did not move"
 
 
-@pytest.fixture
-def runs_dir(tmp_path, tiny_llama) -> Path:
+@pytest.fixture(scope="module")
+def runs_dir(tmp_path_factory, tiny_llama) -> Path:
     # The initial weights beside the runs, to check that every tensor moved.
-    (tmp_path / "llama_init.safetensors").write_bytes((tiny_llama / "model.safetensors").read_bytes())
-    return tmp_path
+    path = tmp_path_factory.mktemp("runs")
+    (path / "llama_init.safetensors").write_bytes((tiny_llama / "model.safetensors").read_bytes())
+    return path
 
 
-def test_two_processes_equal_one_process_same_global_batch(cli, tiny_llama, easy_data, runs_dir):
-    one, two = runs_dir / "one", runs_dir / "two"
-    res = cli(*train_args(tiny_llama, easy_data["train"], one, per_device_train_batch_size=8))
+@pytest.fixture(scope="module")
+def single_run(runs_dir, tiny_llama, easy_data) -> Path:
+    """The reference layout: one process, 8 pairs per micro-batch, 3 steps, checkpoint at step 2."""
+    from conftest import run_cli
+
+    one = runs_dir / "one"
+    res = run_cli(*train_args(tiny_llama, easy_data["train"], one, per_device_train_batch_size=8))
     assert res.returncode == 0, res.stderr
+    return one
+
+
+def test_two_processes_equal_one_process_same_global_batch(single_run, tiny_llama, easy_data, runs_dir):
+    one, two = single_run, runs_dir / "two"
     res = torchrun(2, "-m", "prefopt", *train_args(tiny_llama, easy_data["train"], two, per_device_train_batch_size=4))
     assert res.returncode == 0, res.stderr[-3000:]
     assert_same_run(one, two)
@@ -102,55 +112,62 @@ def test_two_processes_equal_one_process_same_global_batch(cli, tiny_llama, easy
                                        atol=1e-7, rtol=1e-4)
 
 
-def test_accumulation_one_by_eight_equals_eight_by_one(cli, tiny_llama, easy_data, runs_dir):
-    whole, accumulated = runs_dir / "whole", runs_dir / "accumulated"
-    res = cli(*train_args(tiny_llama, easy_data["train"], whole, per_device_train_batch_size=8, save_steps=0))
-    assert res.returncode == 0, res.stderr
+def test_accumulation_one_by_eight_equals_eight_by_one(cli, single_run, tiny_llama, easy_data, runs_dir):
+    whole, accumulated = single_run, runs_dir / "accumulated"
     res = cli(*train_args(tiny_llama, easy_data["train"], accumulated, per_device_train_batch_size=1,
                           gradient_accumulation_steps=8, save_steps=0))
     assert res.returncode == 0, res.stderr
     assert_same_run(whole, accumulated)
 
 
-FSDP_SCRIPT = textwrap.dedent(
+# Accelerate enables FSDP only on GPUs (state.py keeps MULTI_CPU on CPU). To run its FSDP2 code
+# path (fully_shard, set_requires_gradient_sync, DTensor-aware clipping, get_state_dict) here,
+# this launcher flips the distributed type after the Accelerator is built; everything else is the
+# ordinary `prefopt train`.
+FORCED_FSDP2 = textwrap.dedent(
     """
-    import sys, torch, torch.distributed as dist
-    from prefopt.data.collate import PaddedPairCollator
-    from prefopt.data.formats import Columns, load_pairs
-    from prefopt.data.tokenize import tokenize_pairs
-    from prefopt.distributed import fully_shard_layers
-    from prefopt.logprobs import pair_logps
-    from prefopt.modeling import frozen_copy, load_causal_lm, load_tokenizer
+    import sys
+    import prefopt.distributed as D
 
-    model_dir, data = sys.argv[1], sys.argv[2]
-    dist.init_process_group("gloo")
-    rank = dist.get_rank()
-    tok = load_tokenizer(model_dir)
-    pairs, _ = load_pairs(data, split="train", fmt="auto", columns=Columns(), tokenizer=tok)
-    tokenized, _ = tokenize_pairs(pairs[:6], tok, max_length=64, max_prompt_length=32)
-    batch = PaddedPairCollator(tok.pad_token_id)(tokenized)
-    full = frozen_copy(load_causal_lm(model_dir))
-    expected = pair_logps(full, batch)
-    sharded = fully_shard_layers(frozen_copy(load_causal_lm(model_dir)))
-    weight = sharded.model.layers[0].mlp.up_proj.weight
-    assert type(weight).__name__ == "DTensor", type(weight)
-    assert weight.to_local().shape[0] * 2 == full.model.layers[0].mlp.up_proj.weight.shape[0]
-    with torch.no_grad():
-        got = pair_logps(sharded, batch)
-    for key in ("chosen_logps", "rejected_logps"):
-        torch.testing.assert_close(got[key], expected[key], atol=1e-5, rtol=0)
-    print(f"rank {rank} ok", flush=True)
-    dist.destroy_process_group()
+    def forced_fsdp2(cfg):
+        from accelerate import Accelerator
+        from accelerate.state import PartialState
+        from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+        plugin = FullyShardedDataParallelPlugin(fsdp_version=2, auto_wrap_policy="transformer_based_wrap",
+                                                reshard_after_forward=True, state_dict_type="FULL_STATE_DICT")
+        acc = Accelerator(cpu=True, fsdp_plugin=plugin)
+        acc.state.distributed_type = PartialState().distributed_type = DistributedType.FSDP
+        acc.state.fsdp_plugin = plugin
+        assert D.engine_of(acc) == "fsdp2"
+        return acc
+
+    def checked_reference(model, accelerator, _prepare=D.prepare_reference):
+        model = _prepare(model, accelerator)
+        kinds = {type(p).__name__ for p in model.parameters()}
+        assert kinds == {"DTensor"}, kinds  # the frozen reference is sharded like the policy
+        print("reference sharded", flush=True)
+        return model
+
+    D.build_accelerator = forced_fsdp2
+    D.prepare_reference = checked_reference
+    from prefopt.cli import main
+    sys.exit(main(sys.argv[1:]))
     """
 )
 
 
-def test_fsdp2_sharded_reference_gives_the_same_logps_on_cpu(tmp_path, tiny_llama, easy_data):
-    script = tmp_path / "fsdp_ref.py"
-    script.write_text(FSDP_SCRIPT)
-    res = torchrun(2, script, tiny_llama, easy_data["train"])
+def test_fsdp2_two_processes_equal_one_process_on_cpu(single_run, tiny_llama, easy_data, runs_dir):
+    script = runs_dir / "forced_fsdp2.py"
+    script.write_text(FORCED_FSDP2)
+    fsdp = runs_dir / "fsdp2"
+    res = torchrun(2, script, "--debug", *train_args(tiny_llama, easy_data["train"], fsdp, per_device_train_batch_size=4))
     assert res.returncode == 0, res.stderr[-3000:]
-    assert "rank 0 ok" in res.stdout and "rank 1 ok" in res.stdout
+    assert res.stdout.count("reference sharded") == 2
+    assert_same_run(single_run, fsdp)  # final weights gathered from the shards into one full file
+    weights = load_file(fsdp / "checkpoint-2" / "model.safetensors")
+    full = load_file(single_run / "checkpoint-2" / "model.safetensors")
+    assert {k: v.shape for k, v in weights.items()} == {k: v.shape for k, v in full.items()}
 
 
 @pytest.mark.parametrize("engine_env", [

@@ -33,13 +33,16 @@ def _train(cli, model, data, out, **keys):
     return cli("train", *[x for k, v in args.items() for x in (f"--{k}", str(v))])
 
 
+LORA_KEYS = {"use_peft": "true", "lora_r": 4, "lora_alpha": 8, "lora_target_modules": "q_proj,v_proj,up_proj",
+             "learning_rate": 1e-2}
+
+
 @pytest.fixture(scope="module")
 def lora_run(tmp_path_factory, tiny_llama, easy_data):
     from conftest import run_cli
 
     out = tmp_path_factory.mktemp("lora") / "run"
-    res = _train(run_cli, tiny_llama, easy_data["train"], out, use_peft="true", lora_r=4, lora_alpha=8,
-                 lora_target_modules="q_proj,v_proj,up_proj", learning_rate=1e-2, merge_adapter_on_save="true")
+    res = _train(run_cli, tiny_llama, easy_data["train"], out, merge_adapter_on_save="true", **LORA_KEYS)
     assert res.returncode == 0, res.stderr
     return out
 
@@ -110,13 +113,11 @@ def test_build_models_with_peft_uses_the_policy_as_reference(tiny_llama, easy_da
     assert trainable and all("lora_" in n for n in trainable)
 
 
-def test_gradient_checkpointing_and_lora_dropout_zero_give_the_same_run(cli, tiny_llama, easy_data, tmp_path):
-    plain, checkpointed = tmp_path / "plain", tmp_path / "gc"
-    common = {"use_peft": "true", "lora_r": 4, "learning_rate": 1e-2}
-    assert _train(cli, tiny_llama, easy_data["train"], plain, **common).returncode == 0
-    res = _train(cli, tiny_llama, easy_data["train"], checkpointed, gradient_checkpointing="true", **common)
+def test_gradient_checkpointing_gives_the_same_run(cli, lora_run, tiny_llama, easy_data, tmp_path):
+    checkpointed = tmp_path / "gc"
+    res = _train(cli, tiny_llama, easy_data["train"], checkpointed, gradient_checkpointing="true", **LORA_KEYS)
     assert res.returncode == 0, res.stderr
-    a, b = read_metrics(plain / "metrics.jsonl"), read_metrics(checkpointed / "metrics.jsonl")
+    a, b = read_metrics(lora_run / "metrics.jsonl"), read_metrics(checkpointed / "metrics.jsonl")
     for ra, rb in zip(a, b, strict=True):
         assert ra["loss"] == pytest.approx(rb["loss"], abs=1e-6)
         assert ra["grad_norm"] == pytest.approx(rb["grad_norm"], rel=1e-5)
