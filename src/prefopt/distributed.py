@@ -115,6 +115,9 @@ def configure_deepspeed(accelerator, cfg) -> None:
     fill("train_micro_batch_size_per_gpu", cfg.per_device_train_batch_size)
     fill("train_batch_size", cfg.per_device_train_batch_size * accelerator.num_processes)
     fill("gradient_clipping", cfg.max_grad_norm)
+    if accelerator.state.deepspeed_plugin.zero_stage == 3:
+        # prefopt always writes one full model: ZeRO-3 must gather the shards when saving.
+        ds.setdefault("zero_optimization", {})["stage3_gather_16bit_weights_on_model_save"] = True
 
 
 def is_sharded(accelerator) -> bool:
@@ -224,6 +227,11 @@ def build_models(cfg, accelerator):
         reference = LiveReference(prepare_reference(ref_model, accelerator))
     elif cfg.use_peft:
         reference = None  # set below, once the adapter exists
+    elif engine_of(accelerator) == "deepspeed":
+        # A deepcopy of a DeepSpeed-loaded policy shares its ZeRO bookkeeping (under ZeRO-3 the
+        # reference forward then finds `NOT_AVAILABLE` parameters): load a second copy instead.
+        ref_model = load_causal_lm(cfg.model_name_or_path, disable_dropout_=cfg.disable_dropout, dtype=dtype)
+        reference = LiveReference(prepare_reference(ref_model, accelerator))
     else:
         reference = LiveReference(prepare_reference(frozen_copy(policy), accelerator))
     if cfg.gradient_checkpointing:
