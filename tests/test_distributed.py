@@ -170,6 +170,53 @@ def test_fsdp2_two_processes_equal_one_process_on_cpu(single_run, tiny_llama, ea
     assert {k: v.shape for k, v in weights.items()} == {k: v.shape for k, v in full.items()}
 
 
+# Accelerate enables DeepSpeed only with GPUs (`cpu=True` skips it). DeepSpeed itself has a CPU
+# accelerator with gloo, so this launcher builds the Accelerator on CPU and switches it to DeepSpeed.
+FORCED_DEEPSPEED = textwrap.dedent(
+    """
+    import os, sys
+    import prefopt.distributed as D
+
+    def forced_deepspeed(cfg):
+        from accelerate import Accelerator
+        from accelerate.state import PartialState
+        from accelerate.utils import DeepSpeedPlugin, DistributedType
+
+        plugin = DeepSpeedPlugin(zero_stage=int(os.environ["ZERO_STAGE"]), gradient_accumulation_steps=1,
+                                 zero3_init_flag=False)
+        acc = Accelerator(cpu=True, deepspeed_plugin=plugin)
+        acc.state.distributed_type = PartialState().distributed_type = DistributedType.DEEPSPEED
+        plugin.set_mixed_precision("no")
+        plugin.select(_from_accelerator_state=True)
+        acc.state.deepspeed_plugins = plugin
+        assert D.engine_of(acc) == "deepspeed"
+        D.configure_deepspeed(acc, cfg)
+        return acc
+
+    D.build_accelerator = forced_deepspeed
+    from prefopt.cli import main
+    sys.exit(main(sys.argv[1:]))
+    """
+)
+
+
+@pytest.mark.parametrize("stage, per_device, accumulation", [(2, 2, 2), (3, 4, 1)])
+def test_deepspeed_zero_two_processes_equal_one_process_on_cpu(single_run, tiny_llama, easy_data, runs_dir,
+                                                               stage, per_device, accumulation):
+    """ZeRO-2 with prefopt's own accumulation (2 procs x 2 pairs x 2 micro-batches) and ZeRO-3 with
+    a sharded reference engine, both against one process x 8 pairs. Needs the deepspeed package."""
+    pytest.importorskip("deepspeed")
+    script = runs_dir / "forced_deepspeed.py"
+    script.write_text(FORCED_DEEPSPEED)
+    out = runs_dir / f"zero{stage}"
+    res = torchrun(2, script, "--debug", *train_args(tiny_llama, easy_data["train"], out,
+                                                     per_device_train_batch_size=per_device,
+                                                     gradient_accumulation_steps=accumulation),
+                   ZERO_STAGE=str(stage))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert_same_run(single_run, out)
+
+
 @pytest.mark.parametrize("engine_env", [
     {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"},
     {"ACCELERATE_USE_DEEPSPEED": "true"},
