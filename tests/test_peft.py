@@ -167,3 +167,18 @@ def test_lora_target_modules_parsing():
 
     assert target_modules(TrainConfig(lora_target_modules="all-linear")) == "all-linear"
     assert target_modules(TrainConfig(lora_target_modules=" q_proj, v_proj ,")) == ["q_proj", "v_proj"]
+
+
+def test_merge_adapter_command_matches_the_merge_on_save(cli, lora_run, tiny_llama, tmp_path):
+    from safetensors.torch import load_file
+
+    res = cli("merge-adapter", "--base", tiny_llama, "--adapter", lora_run, "--output", tmp_path / "m")
+    assert res.returncode == 0, res.stderr
+    a, b = load_file(tmp_path / "m" / "model.safetensors"), load_file(lora_run / "merged" / "model.safetensors")
+    base = load_file(tiny_llama / "model.safetensors")
+    assert a.keys() == b.keys() == base.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=0, rtol=0)
+    assert not torch.equal(a["model.layers.0.self_attn.q_proj.weight"], base["model.layers.0.self_attn.q_proj.weight"])
+    res = cli("merge-adapter", "--base", tiny_llama, "--adapter", tmp_path, "--output", tmp_path / "n")
+    assert res.returncode == 2 and "adapter_config.json" in res.stderr
