@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from prefopt.metrics import read_metrics
+from prefopt.toy import easy_preferences, write_jsonl
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
@@ -54,7 +55,12 @@ def assert_same_run(a: Path, b: Path, *, loss_tol: float = 1e-6, weight_tol: flo
     """Same metrics and weights. The weights move by 3 x lr = 3e-3; float32 summation order differs
     between layouts (~1e-8 in gradients), and AdamW's m / sqrt(v) turns that into up to ~3e-6 on
     the rare elements whose gradient is almost 0, hence 1e-5 (0.3% of the movement) for weights."""
-    rows_a, rows_b = read_metrics(a / "metrics.jsonl"), read_metrics(b / "metrics.jsonl")
+    all_a, all_b = read_metrics(a / "metrics.jsonl"), read_metrics(b / "metrics.jsonl")
+    rows_a, rows_b = [r for r in all_a if "loss" in r], [r for r in all_b if "loss" in r]
+    eval_a, eval_b = [r for r in all_a if "eval/loss" in r], [r for r in all_b if "eval/loss" in r]
+    for ra, rb in zip(eval_a, eval_b):  # compared when both runs evaluated
+        for key in ("eval/loss", "eval/rewards/margins", "eval/logps/chosen"):
+            assert ra[key] == pytest.approx(rb[key], rel=loss_tol, abs=loss_tol), key
     assert [r["step"] for r in rows_a] == [r["step"] for r in rows_b] == [1, 2, 3]
     assert rows_a[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)  # policy == reference at step 1
     for ra, rb in zip(rows_a, rows_b):
@@ -75,6 +81,8 @@ def runs_dir(tmp_path_factory, tiny_llama) -> Path:
     # The initial weights beside the runs, to check that every tensor moved.
     path = tmp_path_factory.mktemp("runs")
     (path / "llama_init.safetensors").write_bytes((tiny_llama / "model.safetensors").read_bytes())
+    # 20 eval pairs: with 2 processes x 8, the last eval batch leaves process 1 with nothing to do.
+    write_jsonl(path / "eval20.jsonl", easy_preferences(20, seed=1))
     return path
 
 
@@ -84,7 +92,8 @@ def single_run(runs_dir, tiny_llama, easy_data) -> Path:
     from conftest import run_cli
 
     one = runs_dir / "one"
-    res = run_cli(*train_args(tiny_llama, easy_data["train"], one, per_device_train_batch_size=8))
+    res = run_cli(*train_args(tiny_llama, easy_data["train"], one, per_device_train_batch_size=8,
+                              eval_dataset=runs_dir / "eval20.jsonl"))
     assert res.returncode == 0, res.stderr
     return one
 
@@ -98,7 +107,7 @@ def test_two_processes_equal_one_process_same_global_batch(single_run, tiny_llam
     # process count: full (unsharded) weights and the full optimizer state.
     for run in (one, two):
         assert sorted(p.name for p in run.iterdir() if p.name.startswith(("checkpoint", ".tmp"))) == ["checkpoint-2"]
-        assert len(read_metrics(run / "metrics.jsonl")) == 3  # one writer: no duplicated rows
+        assert sum("loss" in r for r in read_metrics(run / "metrics.jsonl")) == 3  # one writer: no duplicated rows
     ca, cb = load_file(one / "checkpoint-2" / "model.safetensors"), load_file(two / "checkpoint-2" / "model.safetensors")
     for name in ca:
         torch.testing.assert_close(ca[name], cb[name], atol=1e-5, rtol=0)
@@ -161,10 +170,12 @@ def test_fsdp2_two_processes_equal_one_process_on_cpu(single_run, tiny_llama, ea
     script = runs_dir / "forced_fsdp2.py"
     script.write_text(FORCED_FSDP2)
     fsdp = runs_dir / "fsdp2"
-    res = torchrun(2, script, "--debug", *train_args(tiny_llama, easy_data["train"], fsdp, per_device_train_batch_size=4))
+    res = torchrun(2, script, "--debug", *train_args(tiny_llama, easy_data["train"], fsdp, per_device_train_batch_size=4,
+                                                     eval_dataset=runs_dir / "eval20.jsonl"), timeout=180)
     assert res.returncode == 0, res.stderr[-3000:]
     assert res.stdout.count("reference sharded") == 2
-    assert_same_run(single_run, fsdp)  # final weights gathered from the shards into one full file
+    assert_same_run(single_run, fsdp)  # includes the eval metrics over the uneven eval set
+    assert any("eval/loss" in r for r in read_metrics(fsdp / "metrics.jsonl"))  # final weights gathered from the shards into one full file
     weights = load_file(fsdp / "checkpoint-2" / "model.safetensors")
     full = load_file(single_run / "checkpoint-2" / "model.safetensors")
     assert {k: v.shape for k, v in weights.items()} == {k: v.shape for k, v in full.items()}

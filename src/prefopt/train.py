@@ -198,6 +198,10 @@ class Trainer:
             lo = start + acc.process_index * b
             shard = list(range(lo, min(lo + b, n)))
             if not shard:
+                if acc.num_processes > 1:
+                    # Under FSDP / ZeRO-3 every forward gathers weights collectively: a process with
+                    # no pairs left runs one discarded forward so the others do not wait forever.
+                    self._forward([0], self.eval_data)
                 continue
             losses, metrics, _ = self._forward(shard, self.eval_data)
             sums["loss"] += losses.sum().item()
