@@ -110,7 +110,8 @@ class TrainConfig:
     bf16: bool = opt(False, "bf16 mixed precision (autocast through Accelerate).", group="scale")
     fp16: bool = opt(False, "fp16 mixed precision with dynamic loss scaling (GPU only).", group="scale")
     torch_dtype: str = opt(
-        "auto", "dtype the weights are loaded in; auto keeps float32 (the safe choice with bf16/fp16 autocast).",
+        "auto", "dtype to load the weights in; auto: the checkpoint's (transformers' default). Use float32 "
+        "with bf16/fp16 autocast for float32 master weights.",
         choices=("auto", "float32", "bfloat16", "float16"), group="scale",
     )
     gradient_checkpointing: bool = opt(False, "Recompute activations in backward to save memory.", group="scale")

@@ -31,7 +31,7 @@ def mixed_precision(cfg) -> str:
 
 
 def load_dtype(cfg) -> torch.dtype | None:
-    """The dtype to load weights in (``None``: the checkpoint's float32 default)."""
+    """The dtype to load weights in (``None``: transformers' ``auto``, the checkpoint's own dtype)."""
     return {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[
         cfg.torch_dtype
     ]
