@@ -84,7 +84,6 @@ def summary_line(role: str, s: dict) -> str:
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """``prefopt train``: DPO/ODPO/... on ``cfg``. Returns the last logged metrics."""
-
     from prefopt.distributed import build_accelerator, build_models, load_dtype
     from prefopt.dpo import PreferenceObjective
     from prefopt.modeling import load_tokenizer
