@@ -184,9 +184,10 @@ def save(trainer) -> Path:
         tmp_dir.mkdir(parents=True)
     acc.wait_for_everyone()
     torch.save(rng_state(), tmp_dir / f"rng_state_{acc.process_index}.pt")
+    state_dict = trainer._gather_state_dict()  # a collective under FSDP / ZeRO-3: every process calls it
     acc.wait_for_everyone()
     if acc.is_main_process:
-        trainer._save_model(tmp_dir)
+        trainer._save_model(tmp_dir, state_dict)
         window = trainer.window
         torch.save(
             {

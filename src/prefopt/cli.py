@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
 
@@ -63,7 +64,8 @@ def _train(args, unknown) -> int:
     if getattr(args, "resume", False) and not cfg.resume_from_checkpoint:
         cfg.resume_from_checkpoint = "latest"
     train(cfg)
-    print(f"prefopt: model saved to {cfg.output_dir}", file=sys.stderr)
+    if os.environ.get("RANK", "0") == "0":  # once, not once per process (torchrun / accelerate launch)
+        print(f"prefopt: model saved to {cfg.output_dir}", file=sys.stderr)
     return 0
 
 
@@ -178,6 +180,29 @@ def _plot(args, unknown) -> int:
 def _reject_extra(unknown: list[str]) -> None:
     if unknown:
         raise ConfigError(f"unexpected argument {unknown[0]!r}")
+
+
+def _merge_adapter_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--base", required=True, help="Base model the adapter was trained on.")
+    parser.add_argument("--adapter", required=True, help="Directory with adapter_config.json (a LoRA run's output).")
+    parser.add_argument("--output", required=True, help="Directory to write the merged model to.")
+
+
+@command("merge-adapter", "Fold a LoRA adapter into its base model and save a plain model.", _merge_adapter_args)
+def _merge_adapter(args, unknown) -> int:
+    from pathlib import Path
+
+    from prefopt.modeling import load_tokenizer
+    from prefopt.peft_support import merge_adapter
+
+    _reject_unknown(unknown, TrainConfig)
+    if not (Path(args.adapter) / "adapter_config.json").is_file():
+        raise PrefoptError(f"no adapter_config.json in {args.adapter}")
+    out = merge_adapter(args.base, args.adapter, args.output)
+    load_tokenizer(args.adapter if (Path(args.adapter) / "tokenizer_config.json").exists() else args.base
+                   ).save_pretrained(out)
+    print(f"prefopt: merged model saved to {out}", file=sys.stderr)
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:

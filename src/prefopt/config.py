@@ -168,6 +168,29 @@ class TrainConfig:
         group="reward model",
     )
     margin_scale: float = opt(1.0, "Reward model: factor on the score difference in the margin.", group="reward model")
+    # --- scale-out: precision, memory savers, LoRA/QLoRA (issue 7) ---
+    bf16: bool = opt(False, "bf16 mixed precision (autocast through Accelerate).", group="scale")
+    fp16: bool = opt(False, "fp16 mixed precision with dynamic loss scaling (GPU only).", group="scale")
+    torch_dtype: str = opt(
+        "auto", "dtype to load the weights in; auto: the checkpoint's (transformers' default). Use float32 "
+        "with bf16/fp16 autocast for float32 master weights.",
+        choices=("auto", "float32", "bfloat16", "float16"), group="scale",
+    )
+    gradient_checkpointing: bool = opt(False, "Recompute activations in backward to save memory.", group="scale")
+    torch_compile: bool = opt(False, "Compile the policy with torch.compile (inductor) via Accelerate.", group="scale")
+    use_peft: bool = opt(False, "Train a LoRA adapter; the reference is the base model with it switched off.",
+                         group="scale")
+    lora_r: int = opt(16, "LoRA rank.", group="scale")
+    lora_alpha: int = opt(32, "LoRA scaling alpha (the update is scaled by alpha / r).", group="scale")
+    lora_dropout: float = opt(0.0, "Dropout on the LoRA branch.", group="scale")
+    lora_target_modules: str = opt(
+        "all-linear", "Comma-separated module names to adapt (e.g. q_proj,v_proj), or all-linear.", group="scale"
+    )
+    load_in_4bit: bool = opt(False, "QLoRA: load the base model in 4-bit NF4 (needs CUDA + bitsandbytes).",
+                             group="scale")
+    merge_adapter_on_save: bool = opt(
+        False, "With use_peft: also write the merged model (base + adapter) to OUTPUT_DIR/merged.", group="scale"
+    )
 
     def validate(self) -> TrainConfig:
         from prefopt.losses import LOSSES
@@ -212,6 +235,12 @@ class TrainConfig:
         if self.resume_from_checkpoint and self.overwrite_output_dir:
             raise ConfigError("resume_from_checkpoint and overwrite_output_dir exclude each other: resume the run "
                               "or start it over")
+        if self.bf16 and self.fp16:
+            raise ConfigError("bf16 and fp16 are exclusive; choose one")
+        if self.use_peft and (self.lora_r < 1 or self.lora_alpha <= 0 or not 0.0 <= self.lora_dropout < 1.0):
+            raise ConfigError("LoRA needs lora_r >= 1, lora_alpha > 0 and lora_dropout in [0, 1)")
+        if (self.load_in_4bit or self.merge_adapter_on_save) and not self.use_peft:
+            raise ConfigError("load_in_4bit and merge_adapter_on_save need use_peft: true")
         return self
 
     def to_dict(self) -> dict[str, Any]:

@@ -48,13 +48,15 @@ def disable_dropout(model: torch.nn.Module) -> None:
             module.p = 0.0
 
 
-def load_causal_lm(name_or_path: str, *, disable_dropout_: bool = True, dtype: torch.dtype | None = None):
+def load_causal_lm(name_or_path: str, *, disable_dropout_: bool = True, dtype: torch.dtype | None = None,
+                   **from_pretrained_kwargs):
     from transformers import AutoModelForCausalLM
 
     if _looks_local(name_or_path) and not Path(name_or_path).expanduser().exists():
         raise PrefoptError(f"model path not found: {name_or_path}")
     try:
         kwargs = {"dtype": dtype} if dtype is not None else {}
+        kwargs.update(from_pretrained_kwargs)  # e.g. quantization_config, device_map (QLoRA)
         if disable_dropout_:
             kwargs["config"] = dropout_free_config(name_or_path)
         model = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)

@@ -13,7 +13,7 @@ from prefopt.data.formats import Columns, load_pairs
 from prefopt.data.records import PreferencePair
 from prefopt.data.tokenize import TokenizedPair, tokenize_pairs
 from prefopt.errors import DataError
-from prefopt.losses import loss_needs_reference, loss_needs_scores
+from prefopt.losses import loss_needs_scores
 
 
 def apply_score_policy(pairs: list[PreferencePair], cfg) -> tuple[list[PreferencePair], int]:
@@ -86,20 +86,18 @@ def summary_line(role: str, s: dict) -> str:
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """``prefopt train``: DPO/ODPO/... on ``cfg``. Returns the last logged metrics."""
-    import torch
+    from accelerate.utils import set_seed
 
-    from prefopt.dpo import LiveReference, PreferenceObjective
-    from prefopt.modeling import freeze, frozen_copy, load_causal_lm, load_tokenizer
+    from prefopt.distributed import build_accelerator, build_models, load_dtype
+    from prefopt.dpo import PreferenceObjective
+    from prefopt.modeling import load_tokenizer
+    from prefopt.preflight import plan_run, prepare_output_dir
     from prefopt.train import Trainer
 
     cfg.validate()
-    from prefopt.preflight import plan_run, prepare_output_dir
-
     plan = plan_run(cfg)  # output_dir rule, model paths, checkpoint to resume: before anything is read
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
 
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    accelerator = build_accelerator(cfg)  # engine, mixed precision, torch.compile (issue 7)
     set_seed(cfg.seed)
     tokenizer = load_tokenizer(cfg.tokenizer_name_or_path or cfg.model_name_or_path)
     train_pairs, train_summary = prepare_dataset(cfg, cfg.dataset, cfg.dataset_split, tokenizer)
@@ -111,13 +109,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         for role, s in summaries.items():
             print(f"prefopt: {summary_line(role, s)}", file=sys.stderr)
 
-    policy = load_causal_lm(cfg.model_name_or_path, disable_dropout_=cfg.disable_dropout)
-    if not loss_needs_reference(cfg.loss_type, cfg.reference_free):
-        ref_model = None  # reference-free losses (issue 9): no second model in memory
-    elif cfg.ref_model_name_or_path:
-        ref_model = freeze(load_causal_lm(cfg.ref_model_name_or_path, disable_dropout_=cfg.disable_dropout))
-    else:
-        ref_model = frozen_copy(policy)
+    # Policy (+ LoRA adapter) and the reference callable, placed for the running engine.
+    policy, reference = build_models(cfg, accelerator)
 
     output_dir = Path(cfg.output_dir)
     if accelerator.is_main_process:
@@ -125,8 +118,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         save_config(cfg, output_dir / "config.yaml")
         (output_dir / "data_summary.json").write_text(json.dumps(summaries, indent=2) + "\n")
 
-    def save_model(model, directory: Path) -> None:
-        model.save_pretrained(directory)
+    def save_model(model, directory: Path, **kwargs) -> None:
+        model.save_pretrained(directory, **kwargs)  # a PEFT model writes only its adapter
         tokenizer.save_pretrained(directory)
 
     trainer = Trainer(
@@ -135,16 +128,24 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         train_data=train_pairs,
         eval_data=eval_pairs,
         collator=PaddedPairCollator(tokenizer.pad_token_id),
-        objective=PreferenceObjective(cfg, LiveReference(ref_model) if ref_model is not None else None),
+        objective=PreferenceObjective(cfg, reference),
         save_model=save_model,
         accelerator=accelerator,
-        extra_modules=[ref_model] if ref_model is not None else [],
     )
     if plan.resume_from is not None:
         from prefopt.checkpoint import restore
 
         restore(trainer, plan.resume_from)
-    return trainer.train()
+    final = trainer.train()
+    if cfg.use_peft and cfg.merge_adapter_on_save:
+        from prefopt.peft_support import merge_adapter
+
+        # From the saved adapter files, on one process: the same for every engine.
+        if accelerator.is_main_process:
+            merged = merge_adapter(cfg.model_name_or_path, output_dir, output_dir / "merged", dtype=load_dtype(cfg))
+            tokenizer.save_pretrained(merged)
+        accelerator.wait_for_everyone()
+    return final
 
 
 def compute_pair_logps(model, pairs: list[TokenizedPair], collator, *, batch_size: int, device, progress: bool = True):

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import sys
 import time
 from collections import defaultdict
@@ -167,6 +166,8 @@ class Trainer:
             # into micro-batches and processes; DDP averages gradients, hence the num_processes factor.
             scale = acc.num_processes / global_pairs
             context = acc.no_sync(self.model) if not last else contextlib.nullcontext()
+            # DeepSpeed steps inside backward at an accumulation boundary: mark only the last one.
+            acc.gradient_state._set_sync_gradients(last)
             with context:
                 losses, metrics, n_tokens = self._forward(shard, self.train_data)
                 acc.backward(losses.sum() * scale)
@@ -180,8 +181,12 @@ class Trainer:
             grad_norm = acc.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm)
         else:
             grad_norm = _grad_norm(self.model.parameters())
-        sums["grad_norm"] = float(grad_norm) * pairs  # averaged per pair like the rest
-        if check_step(self, health, sums["loss"], float(grad_norm)):  # non-finite: skip (or raise)
+        # DeepSpeed clips inside its engine and may report no norm: log NaN then, and judge the
+        # step by its loss alone (the guard must not stop a healthy run for a missing number).
+        reported = grad_norm is not None
+        grad_norm = float(grad_norm) if reported else float("nan")
+        sums["grad_norm"] = grad_norm * pairs  # averaged per pair like the rest
+        if check_step(self, health, sums["loss"], grad_norm if reported else 0.0):  # non-finite: skip (or raise)
             self.optimizer.zero_grad(set_to_none=True)
             self.scheduler.step()
             self.step += 1
@@ -208,6 +213,10 @@ class Trainer:
             lo = start + acc.process_index * b
             shard = list(range(lo, min(lo + b, n)))
             if not shard:
+                if acc.num_processes > 1:
+                    # Under FSDP / ZeRO-3 every forward gathers weights collectively: a process with
+                    # no pairs left runs one discarded forward so the others do not wait forever.
+                    self._forward([0], self.eval_data)
                 continue
             losses, metrics, _ = self._forward(shard, self.eval_data)
             sums["loss"] += losses.sum().item()
@@ -276,12 +285,20 @@ class Trainer:
         return row
 
     # ------------------------------------------------------------------ saving
-    def _save_model(self, directory: Path) -> None:
+    def _gather_state_dict(self) -> dict | None:
+        """The full state dict when the weights are sharded (FSDP, ZeRO-3), else ``None``. Every
+        process must call this (it is a collective), before the main process writes."""
+        from prefopt.distributed import is_sharded
+
+        return self.accelerator.get_state_dict(self.model) if is_sharded(self.accelerator) else None
+
+    def _save_model(self, directory: Path, state_dict: dict | None = None) -> None:
         model = self.accelerator.unwrap_model(self.model)
+        kwargs = {"state_dict": state_dict} if state_dict is not None else {}
         if self.save_model_fn is not None:
-            self.save_model_fn(model, directory)
+            self.save_model_fn(model, directory, **kwargs)
         else:
-            model.save_pretrained(directory)
+            model.save_pretrained(directory, **kwargs)
 
     def save_checkpoint(self) -> Path:
         """``checkpoint-STEP/``: model, optimizer, scheduler, step and RNG states. Written into a
@@ -291,25 +308,15 @@ class Trainer:
     def save_final(self) -> None:
         acc = self.accelerator
         acc.wait_for_everyone()
+        state_dict = self._gather_state_dict()
         if acc.is_main_process:
-            self._save_model(self.output_dir)
+            self._save_model(self.output_dir, state_dict)
         acc.wait_for_everyone()
 
 
 def _grad_norm(params) -> float:
     norms = [p.grad.detach().float().norm() for p in params if p.grad is not None]
     return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
-
-
-def _cuda_rng():
-    return torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-
-
-def _fsync_dir(directory: Path) -> None:
-    for path in directory.rglob("*"):
-        if path.is_file():
-            with path.open("rb") as fh:
-                os.fsync(fh.fileno())
 
 
 def iterate_in_order(n: int, batch_size: int) -> Iterator[list[int]]:
