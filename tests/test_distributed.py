@@ -83,7 +83,7 @@ def runs_dir(tmp_path_factory, tiny_llama) -> Path:
 @pytest.fixture(scope="module")
 def single_run(runs_dir, tiny_llama, easy_data) -> Path:
     """The reference layout: one process, 8 pairs per micro-batch, 3 steps, checkpoint at step 2."""
-    from conftest import run_cli
+    from tests.conftest import run_cli
 
     one = runs_dir / "one"
     res = run_cli(*train_args(tiny_llama, easy_data["train"], one, per_device_train_batch_size=8,

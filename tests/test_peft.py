@@ -39,7 +39,7 @@ LORA_KEYS = {"use_peft": "true", "lora_r": 4, "lora_alpha": 8, "lora_target_modu
 
 @pytest.fixture(scope="module")
 def lora_run(tmp_path_factory, tiny_llama, easy_data):
-    from conftest import run_cli
+    from tests.conftest import run_cli
 
     out = tmp_path_factory.mktemp("lora") / "run"
     res = _train(run_cli, tiny_llama, easy_data["train"], out, merge_adapter_on_save="true", **LORA_KEYS)
