@@ -27,10 +27,11 @@ def response_logps(model, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
 
     Response ``2i`` is pair i's chosen response and ``2i + 1`` its rejected one.
     """
-    inputs = {k: batch[k] for k in MODEL_INPUT_KEYS if k in batch}
-    logits = model(**inputs, use_cache=False).logits  # [R, L, V]
-    selected = logits[batch["target_rows"], batch["target_positions"]]  # [T, V]: completion positions only
-    per_token = token_logps(selected, batch["target_tokens"])
+    from prefopt.selective import target_token_logps
+
+    # Logits only at the completion positions (full logits where that is not exact), and the
+    # layouts' 4D masks converted for the model's attention implementation.
+    per_token = target_token_logps(model, batch)  # [T]
     n_responses = 2 * int(batch["num_pairs"])
     index = batch["target_response"]
     sums = torch.zeros(n_responses, dtype=per_token.dtype, device=per_token.device).index_add(0, index, per_token)
