@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from prefopt.config import TrainConfig, save_config
-from prefopt.data.collate import PaddedPairCollator
 from prefopt.data.formats import Columns, load_pairs
+from prefopt.data.layouts import choose_layout, make_collator
 from prefopt.data.records import PreferencePair
 from prefopt.data.tokenize import TokenizedPair, tokenize_pairs
 from prefopt.errors import DataError
@@ -107,10 +107,19 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             print(f"prefopt: {summary_line(role, s)}", file=sys.stderr)
 
     policy = load_causal_lm(cfg.model_name_or_path, disable_dropout_=cfg.disable_dropout)
-    if cfg.ref_model_name_or_path:
-        ref_model = freeze(load_causal_lm(cfg.ref_model_name_or_path, disable_dropout_=cfg.disable_dropout))
+    collator = make_collator(choose_layout(cfg.layout, train_pairs, cfg.per_device_train_batch_size, policy,
+                                           cfg.pack_row_tokens), tokenizer.pad_token_id, cfg.pack_row_tokens)
+    if cfg.precompute_ref_log_probs:
+        from prefopt.reference import cached_reference
+
+        reference, eval_pairs = cached_reference(cfg, policy, train_pairs, eval_pairs, collator, accelerator)
+        ref_model = None
     else:
-        ref_model = frozen_copy(policy)
+        if cfg.ref_model_name_or_path:
+            ref_model = freeze(load_causal_lm(cfg.ref_model_name_or_path, disable_dropout_=cfg.disable_dropout))
+        else:
+            ref_model = frozen_copy(policy)
+        reference = LiveReference(ref_model)
 
     output_dir = Path(cfg.output_dir)
     if accelerator.is_main_process:
@@ -127,11 +136,11 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         model=policy,
         train_data=train_pairs,
         eval_data=eval_pairs,
-        collator=PaddedPairCollator(tokenizer.pad_token_id),
-        objective=PreferenceObjective(cfg, LiveReference(ref_model)),
+        collator=collator,
+        objective=PreferenceObjective(cfg, reference),
         save_model=save_model,
         accelerator=accelerator,
-        extra_modules=[ref_model],
+        extra_modules=[ref_model] if ref_model is not None else [],
     )
     return trainer.train()
 
@@ -186,8 +195,13 @@ def logps(cfg: TrainConfig, output: str, batch_size: int = 8) -> int:
     model = load_causal_lm(cfg.model_name_or_path, disable_dropout_=True)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
-    rows = compute_pair_logps(model, pairs, PaddedPairCollator(tokenizer.pad_token_id), batch_size=batch_size,
-                              device=device)
+    collator = make_collator(choose_layout(cfg.layout, pairs, batch_size, model, cfg.pack_row_tokens),
+                             tokenizer.pad_token_id, cfg.pack_row_tokens)
+    rows = compute_pair_logps(model, pairs, collator, batch_size=batch_size, device=device)
     write_jsonl_atomic(output, rows)
     print(f"prefopt: wrote {len(rows)} pairs to {output}", file=sys.stderr)
+    from prefopt.reference import store_rows
+
+    cached = store_rows(cfg, cfg.model_name_or_path, pairs, rows)
+    print(f"prefopt: reference log-prob cache entry {cached}", file=sys.stderr)
     return len(rows)

@@ -137,3 +137,83 @@ class PackedCollator:
                 rows.append([j])
                 room.append(capacity - lengths[j])
         return shared_prefix_batch(rows, pairs, self.pad_token_id)
+
+
+# ------------------------------------------------------------------------------------------------
+# Choosing a layout
+
+LAYOUTS = ("plain", "prefix_shared", "packed")
+MASKABLE_ATTENTION = ("sdpa", "eager", "flex_attention")
+
+
+def _row_cost(length: int, hidden: int) -> float:
+    """FLOPs (up to a constant) of one row of ``length`` tokens with a dense mask: the linear layers
+    grow like ``24·H²·L`` and attention like ``4·H·L²`` (it is computed for masked pairs too)."""
+    return 24.0 * hidden * hidden * length + 4.0 * hidden * length * length
+
+
+def estimate_costs(pairs: list[TokenizedPair], batch_size: int, hidden: int, *, samples: int = 64,
+                   seed: int = 0, row_tokens: int = 0) -> dict[str, float]:
+    """Mean estimated cost of one batch in each layout, over random batches of the data."""
+    import random
+
+    rng = random.Random(seed)
+    costs = dict.fromkeys(LAYOUTS, 0.0)
+    n = len(pairs)
+    for _ in range(samples):
+        batch = [pairs[rng.randrange(n)] for _ in range(min(batch_size, n))]
+        plain_width = max(len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)) for p in batch)
+        costs["plain"] += 2 * len(batch) * _row_cost(plain_width, hidden)
+        lengths = sorted((segment_length(p) for p in batch), reverse=True)
+        costs["prefix_shared"] += len(batch) * _row_cost(lengths[0], hidden)
+        capacity = max(row_tokens, lengths[0])
+        room: list[int] = []
+        for length in lengths:
+            for r, free in enumerate(room):
+                if length <= free:
+                    room[r] -= length
+                    break
+            else:
+                room.append(capacity - length)
+        costs["packed"] += len(room) * _row_cost(capacity, hidden)
+    return {k: v / samples for k, v in costs.items()}
+
+
+def choose_layout(requested: str, pairs: list[TokenizedPair], batch_size: int, model=None,
+                  row_tokens: int = 0) -> str:
+    """``requested`` itself, or for ``auto`` the layout with the lowest estimated cost (a layout
+    must save at least 5% over a simpler one to be chosen). Models whose attention cannot take a
+    custom 4D mask always get ``plain``."""
+    from prefopt.errors import ConfigError
+    from prefopt.selective import attn_implementation
+
+    impl = attn_implementation(model) if model is not None else "sdpa"
+    if requested != "auto":
+        if requested not in LAYOUTS:
+            raise ConfigError(f"layout must be auto or one of {', '.join(LAYOUTS)}; got {requested!r}")
+        if requested != "plain" and impl not in MASKABLE_ATTENTION:
+            raise ConfigError(
+                f"layout {requested!r} needs an attention implementation that takes a 4D mask "
+                f"({', '.join(MASKABLE_ATTENTION)}); the model uses {impl!r}"
+            )
+        return requested
+    if impl not in MASKABLE_ATTENTION or not pairs:
+        return "plain"
+    config = getattr(model, "config", None)
+    hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd", None) or 1024
+    costs = estimate_costs(pairs, batch_size, int(hidden), row_tokens=row_tokens)
+    best = "plain"
+    for layout in LAYOUTS[1:]:
+        if costs[layout] < 0.95 * costs[best]:
+            best = layout
+    return best
+
+
+def make_collator(layout: str, pad_token_id: int, row_tokens: int = 0):
+    from prefopt.data.collate import PaddedPairCollator
+
+    if layout == "plain":
+        return PaddedPairCollator(pad_token_id)
+    if layout == "prefix_shared":
+        return PrefixSharedCollator(pad_token_id)
+    return PackedCollator(pad_token_id, row_tokens)
