@@ -134,8 +134,9 @@ class CachedReference:
 
     def __call__(self, batch):
         pair_index = batch["pair_index"].cpu()
-        rows = self.row[pair_index] if len(self.row) else pair_index.new_full(pair_index.shape, -1)
-        if bool((pair_index >= len(self.row)).any()) or bool((rows < 0).any()):
+        known = (pair_index >= 0) & (pair_index < len(self.row))
+        rows = self.row[pair_index.clamp(0, max(len(self.row) - 1, 0))] if len(self.row) else pair_index
+        if not bool(known.all()) or bool((rows < 0).any()):
             raise PrefoptError("a pair has no precomputed reference log-probs (stale cache?)")
         device = batch["input_ids"].device
         return {
