@@ -27,10 +27,17 @@ VOCAB = 40
 TOL = dict(rtol=1e-5, atol=1e-5)
 
 
+def tiny_qwen2_config(vocab_size: int):
+    from transformers import Qwen2Config
+
+    return Qwen2Config(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+
+
 def make_model(arch: str, seed: int = 0, attn: str = "sdpa"):
     from transformers import AutoModelForCausalLM
 
-    config = {"gpt2": tiny_gpt2_config, "llama": tiny_llama_config}[arch](VOCAB)
+    config = {"gpt2": tiny_gpt2_config, "llama": tiny_llama_config, "qwen2": tiny_qwen2_config}[arch](VOCAB)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, attn_implementation=attn).float()
     return model.eval()  # no dropout: layouts must agree exactly
@@ -82,9 +89,12 @@ def loss_and_grads(policy, reference, collator, pairs):
     return losses.detach(), grads, sums.detach(), counts, batch
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
-@pytest.mark.parametrize("arch", ["gpt2", "llama"])
-@pytest.mark.parametrize("ragged", [True, False], ids=["padding", "no-padding"])
+@pytest.mark.parametrize(
+    "arch, ragged, attn",
+    [(arch, ragged, attn) for arch in ("gpt2", "llama") for ragged in (True, False) for attn in ("sdpa", "eager")]
+    + [("qwen2", True, "sdpa")],
+    ids=lambda v: {True: "padding", False: "no-padding"}.get(v, v) if isinstance(v, bool) else v,
+)
 def test_layouts_match_plain(arch, ragged, attn):
     policy, reference = make_model(arch, seed=0, attn=attn), make_model(arch, seed=1, attn=attn)
     # The policy must differ from the reference, or every DPO gradient would be the same constant.

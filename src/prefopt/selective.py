@@ -94,7 +94,9 @@ class ChunkedHeadLogps(torch.autograd.Function):
 
 def attention_inputs(model, batch: dict[str, Tensor]) -> dict[str, Tensor]:
     """The model inputs of ``batch``, with a 4D bool mask converted for the model's attention."""
-    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+    from prefopt.logprobs import MODEL_INPUT_KEYS
+
+    inputs = {k: batch[k] for k in MODEL_INPUT_KEYS if k in batch}
     mask = inputs.get("attention_mask")
     if mask is not None and mask.dim() == 4:
         inputs["attention_mask"] = convert_4d_mask(model, mask)
