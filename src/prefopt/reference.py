@@ -202,12 +202,14 @@ def cached_reference(cfg, policy, train_pairs: list[TokenizedPair], eval_pairs: 
     import dataclasses
     import sys
 
-    from prefopt.modeling import freeze, frozen_copy, load_causal_lm
+    from prefopt.modeling import freeze, load_causal_lm
 
     def load_model():
         if cfg.ref_model_name_or_path:
             return freeze(load_causal_lm(cfg.ref_model_name_or_path, disable_dropout_=cfg.disable_dropout))
-        return frozen_copy(policy)
+        # The reference is the initial policy, and training has not started: score with the policy
+        # itself (eval mode, no gradients) instead of holding a copy.
+        return policy
 
     datasets = [train_pairs] + ([eval_pairs] if eval_pairs else [])
     cache = ReferenceCache(cfg.ref_logps_cache_dir)
