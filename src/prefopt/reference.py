@@ -132,7 +132,10 @@ class CachedReference:
         self.row = torch.full((size,), -1, dtype=torch.long)
         self.row[index] = torch.arange(len(index))
 
-    def __call__(self, batch):
+    def __call__(self, batch, per_token: bool = False):
+        if per_token:  # the cache holds per-pair sums only
+            raise PrefoptError("precompute_ref_log_probs stores per-pair sums; per-token reference "
+                               "log-probs (ld_alpha) need the live reference")
         pair_index = batch["pair_index"].cpu()
         known = (pair_index >= 0) & (pair_index < len(self.row))
         rows = self.row[pair_index.clamp(0, max(len(self.row) - 1, 0))] if len(self.row) else pair_index
