@@ -132,6 +132,24 @@ class TrainConfig:
     num_train_epochs: float = opt(1.0, "Passes over the data when max_steps is -1.")
     shuffle: bool = opt(True, "Shuffle training pairs every epoch (seeded).")
     seed: int = opt(42, "Seed for initialisation, shuffling and dropout.")
+    # --- performance (issue 6) ---
+    layout: str = opt(
+        "auto",
+        "Batch layout: plain (two padded prompt+response rows per pair), prefix_shared (one "
+        "[prompt|chosen|rejected] row per pair), packed (several pairs per row, no padding); "
+        "auto picks the cheapest by a FLOP estimate on the data.",
+        choices=("auto", "plain", "prefix_shared", "packed"), group="performance",
+    )
+    pack_row_tokens: int = opt(0, "Packed layout: tokens per row; 0 = the longest pair of each batch.",
+                               group="performance")
+    precompute_ref_log_probs: bool = opt(
+        False, "Score all pairs with the reference once before training, cache them on disk, free the model.",
+        group="performance",
+    )
+    ref_logps_cache_dir: str | None = opt(
+        None, "Reference log-prob cache directory; default $PREFOPT_CACHE_DIR/ref_logps or "
+        "~/.cache/prefopt/ref_logps.", group="performance",
+    )
     # --- logging and output ---
     output_dir: str = opt("outputs/prefopt", "Where checkpoints, metrics and the final model go.", group="output")
     logging_steps: int = opt(10, "Log metrics every N optimizer steps.", group="output")

@@ -204,7 +204,7 @@ class AutocastReference:
             return self.reference(batch)
 
 
-def build_models(cfg, accelerator):
+def build_models(cfg, accelerator, *, live_reference: bool = True):
     """The policy to train and the ``reference(batch)`` callable, for every combination of
     engine, precision and adapter:
 
@@ -223,9 +223,9 @@ def build_models(cfg, accelerator):
     if quant is not None:
         extra = {"quantization_config": quant, "device_map": {"": accelerator.local_process_index}}
     policy = load_causal_lm(cfg.model_name_or_path, disable_dropout_=cfg.disable_dropout, dtype=dtype, **extra)
-    needs_reference = loss_needs_reference(cfg.loss_type, cfg.reference_free)
+    needs_reference = live_reference and loss_needs_reference(cfg.loss_type, cfg.reference_free)
     if not needs_reference:
-        reference = None  # reference-free losses (SimPO and the like): no second model in memory
+        reference = None  # reference-free losses (SimPO and the like) or a precomputed reference
     elif cfg.ref_model_name_or_path:
         ref_model = load_causal_lm(cfg.ref_model_name_or_path, disable_dropout_=cfg.disable_dropout, dtype=dtype)
         reference = LiveReference(prepare_reference(ref_model, accelerator))

@@ -27,10 +27,11 @@ def response_logps(model, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
 
     Response ``2i`` is pair i's chosen response and ``2i + 1`` its rejected one.
     """
-    inputs = {k: batch[k] for k in MODEL_INPUT_KEYS if k in batch}
-    logits = model(**inputs, use_cache=False).logits  # [R, L, V]
-    selected = logits[batch["target_rows"], batch["target_positions"]]  # [T, V]: completion positions only
-    per_token = token_logps(selected, batch["target_tokens"])
+    from prefopt.selective import target_token_logps
+
+    # Logits only at the completion positions (full logits where that is not exact), and the
+    # layouts' 4D masks converted for the model's attention implementation.
+    per_token = target_token_logps(model, batch)  # [T]
     n_responses = 2 * int(batch["num_pairs"])
     index = batch["target_response"]
     sums = torch.zeros(n_responses, dtype=per_token.dtype, device=per_token.device).index_add(0, index, per_token)
@@ -90,8 +91,11 @@ def pair_token_logps(model, batch: dict[str, Tensor], *, log_sum_sq: bool = Fals
     rejected of pair i), ``token_rank [T]`` (position inside the response), ``counts [2B]``, and with
     ``log_sum_sq`` also ``token_log_sum_sq [T]`` (``token_log_sum_sq``, for WPO weights).
     """
-    inputs = {k: batch[k] for k in MODEL_INPUT_KEYS if k in batch}
-    logits = model(**inputs, use_cache=False).logits  # [R, L, V]
+    from prefopt.selective import attention_inputs
+
+    # Full logits here (WPO needs the whole distribution at each target); the 4D masks of the
+    # shared layouts are converted for the model's attention implementation as in response_logps.
+    logits = model(**attention_inputs(model, batch), use_cache=False).logits  # [R, L, V]
     selected = logits[batch["target_rows"], batch["target_positions"]]  # [T, V]
     per_token = token_logps(selected, batch["target_tokens"])
     n_responses = 2 * int(batch["num_pairs"])

@@ -8,12 +8,12 @@ from pathlib import Path
 from typing import Any
 
 from prefopt.config import TrainConfig, save_config
-from prefopt.data.collate import PaddedPairCollator
 from prefopt.data.formats import Columns, load_pairs
+from prefopt.data.layouts import choose_layout, make_collator
 from prefopt.data.records import PreferencePair
 from prefopt.data.tokenize import TokenizedPair, tokenize_pairs
 from prefopt.errors import DataError
-from prefopt.losses import loss_needs_scores
+from prefopt.losses import loss_needs_reference, loss_needs_scores
 
 
 def apply_score_policy(pairs: list[PreferencePair], cfg) -> tuple[list[PreferencePair], int]:
@@ -109,8 +109,16 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         for role, s in summaries.items():
             print(f"prefopt: {summary_line(role, s)}", file=sys.stderr)
 
-    # Policy (+ LoRA adapter) and the reference callable, placed for the running engine.
-    policy, reference = build_models(cfg, accelerator)
+    # Policy (+ LoRA adapter) and the reference callable, placed for the running engine. A
+    # precomputed reference (issue 6) replaces the live one: no second model is loaded for it.
+    precompute = cfg.precompute_ref_log_probs and loss_needs_reference(cfg.loss_type, cfg.reference_free)
+    policy, reference = build_models(cfg, accelerator, live_reference=not precompute)
+    collator = make_collator(choose_layout(cfg.layout, train_pairs, cfg.per_device_train_batch_size, policy,
+                                           cfg.pack_row_tokens), tokenizer.pad_token_id, cfg.pack_row_tokens)
+    if precompute:
+        from prefopt.reference import cached_reference
+
+        reference, eval_pairs = cached_reference(cfg, policy, train_pairs, eval_pairs, collator, accelerator)
 
     output_dir = Path(cfg.output_dir)
     if accelerator.is_main_process:
@@ -127,7 +135,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         model=policy,
         train_data=train_pairs,
         eval_data=eval_pairs,
-        collator=PaddedPairCollator(tokenizer.pad_token_id),
+        collator=collator,
         objective=PreferenceObjective(cfg, reference),
         save_model=save_model,
         accelerator=accelerator,
@@ -198,8 +206,13 @@ def logps(cfg: TrainConfig, output: str, batch_size: int = 8) -> int:
     model = load_causal_lm(cfg.model_name_or_path, disable_dropout_=True)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
-    rows = compute_pair_logps(model, pairs, PaddedPairCollator(tokenizer.pad_token_id), batch_size=batch_size,
-                              device=device)
+    collator = make_collator(choose_layout(cfg.layout, pairs, batch_size, model, cfg.pack_row_tokens),
+                             tokenizer.pad_token_id, cfg.pack_row_tokens)
+    rows = compute_pair_logps(model, pairs, collator, batch_size=batch_size, device=device)
     write_jsonl_atomic(output, rows)
     print(f"prefopt: wrote {len(rows)} pairs to {output}", file=sys.stderr)
+    from prefopt.reference import store_rows
+
+    cached = store_rows(cfg, cfg.model_name_or_path, pairs, rows)
+    print(f"prefopt: reference log-prob cache entry {cached}", file=sys.stderr)
     return len(rows)

@@ -1,0 +1,219 @@
+"""Layouts that share the prompt and drop padding (MATH.md section 7).
+
+Both collators here follow the batch contract of ``collate.py`` (model inputs plus flat targets), so
+``logprobs.response_logps`` scores them unchanged. They differ from the plain layout in the model
+inputs:
+
+- ``input_ids [R, L]`` where each pair is one *segment* ``[prompt | chosen | rejected]``;
+- ``position_ids [R, L]``: the prompt and chosen tokens count up from 0 and the rejected tokens
+  restart right after the prompt, so the rejected branch sees the same positions as in its own row;
+- ``attention_mask [R, 1, L, L]`` (bool, True = may attend): causal within a segment, the rejected
+  tokens never see the chosen ones, and nothing crosses segments. A padding position attends only
+  to itself, so no query row is fully masked (that would give NaN in SDPA and poison the gradients).
+
+``PrefixSharedCollator`` puts one pair per row (padding to the longest pair); ``PackedCollator`` packs
+several pairs into each row, first-fit decreasing, so the rows carry (almost) no padding.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from prefopt.data.collate import _scores
+from prefopt.data.tokenize import TokenizedPair
+
+PROMPT, CHOSEN, REJECTED, PAD = 0, 1, 2, 3
+
+
+def segment_length(pair: TokenizedPair) -> int:
+    return len(pair.prompt_ids) + len(pair.chosen_ids) + len(pair.rejected_ids)
+
+
+def shared_prefix_batch(rows: list[list[int]], pairs: list[TokenizedPair], pad_token_id: int) -> dict:
+    """Build the batch for ``rows``: each row is a list of indices into ``pairs`` (its segments)."""
+    width = max(sum(segment_length(pairs[j]) for j in row) for row in rows)
+    n_rows = len(rows)
+    input_ids = torch.full((n_rows, width), pad_token_id, dtype=torch.long)
+    position_ids = torch.zeros((n_rows, width), dtype=torch.long)
+    segment = torch.full((n_rows, width), -1, dtype=torch.long)  # -1: padding
+    branch = torch.full((n_rows, width), PAD, dtype=torch.long)
+    t_rows, t_pos, t_tok, t_resp = [], [], [], []
+    for r, row in enumerate(rows):
+        at = 0
+        for s, j in enumerate(row):
+            p = pairs[j]
+            n_p, n_c, n_r = len(p.prompt_ids), len(p.chosen_ids), len(p.rejected_ids)
+            n = n_p + n_c + n_r
+            input_ids[r, at : at + n] = torch.tensor(p.prompt_ids + p.chosen_ids + p.rejected_ids)
+            position_ids[r, at : at + n_p + n_c] = torch.arange(n_p + n_c)
+            position_ids[r, at + n_p + n_c : at + n] = torch.arange(n_p, n_p + n_r)
+            segment[r, at : at + n] = s
+            branch[r, at + n_p : at + n_p + n_c] = CHOSEN
+            branch[r, at + n_p + n_c : at + n] = REJECTED
+            branch[r, at : at + n_p] = PROMPT
+            last_prompt = at + n_p - 1
+            # chosen token k sits at at+n_p+k and is predicted from the position before it;
+            # the first rejected token is predicted from the last prompt token, not the last chosen one.
+            for k, tok in enumerate(p.chosen_ids):
+                t_rows.append(r)
+                t_pos.append(at + n_p + k - 1)
+                t_tok.append(tok)
+                t_resp.append(2 * j)
+            for k, tok in enumerate(p.rejected_ids):
+                t_rows.append(r)
+                t_pos.append(last_prompt if k == 0 else at + n_p + n_c + k - 1)
+                t_tok.append(tok)
+                t_resp.append(2 * j + 1)
+            at += n
+    attention_mask = segment_attention_mask(segment, branch)
+    score_chosen, score_rejected = _scores(pairs)
+    batch = {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "position_ids": position_ids,
+        "target_rows": torch.tensor(t_rows, dtype=torch.long),
+        "target_positions": torch.tensor(t_pos, dtype=torch.long),
+        "target_tokens": torch.tensor(t_tok, dtype=torch.long),
+        "target_response": torch.tensor(t_resp, dtype=torch.long),
+        "num_pairs": torch.tensor(len(pairs)),
+        "num_tokens": (segment >= 0).sum(),
+        "pair_index": torch.tensor([p.index for p in pairs], dtype=torch.long),
+    }
+    if score_chosen is not None:
+        batch["score_chosen"], batch["score_rejected"] = score_chosen, score_rejected
+    return batch
+
+
+def segment_attention_mask(segment: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
+    """``[R, 1, L, L]`` bool mask from per-token segment ids (-1 = padding) and branches.
+
+    Query q may see key k iff both are in the same segment, k <= q, and not (q is rejected and
+    k is chosen). Padding sees only itself.
+    """
+    length = segment.shape[1]
+    causal = torch.ones(length, length, dtype=torch.bool).tril()
+    same = (segment[:, :, None] == segment[:, None, :]) & (segment[:, :, None] >= 0)
+    crossing = (branch[:, :, None] == REJECTED) & (branch[:, None, :] == CHOSEN)
+    mask = same & causal & ~crossing
+    mask |= torch.eye(length, dtype=torch.bool)  # padding rows: attend to self only
+    return mask[:, None]
+
+
+class PrefixSharedCollator:
+    """One row per pair, ``[prompt | chosen | rejected]``: the prompt is computed once, not twice."""
+
+    layout = "prefix_shared"
+
+    def __init__(self, pad_token_id: int):
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, pairs: list[TokenizedPair]) -> dict[str, torch.Tensor]:
+        return shared_prefix_batch([[j] for j in range(len(pairs))], pairs, self.pad_token_id)
+
+
+class PackedCollator:
+    """Several prefix-shared pairs per row, first-fit decreasing into rows of ``row_tokens`` tokens
+    (default: the longest pair of the batch, so a row costs no more attention than prefix sharing
+    and short pairs fill the room that would otherwise be padding)."""
+
+    layout = "packed"
+
+    def __init__(self, pad_token_id: int, row_tokens: int = 0):
+        self.pad_token_id = pad_token_id
+        self.row_tokens = row_tokens
+
+    def __call__(self, pairs: list[TokenizedPair]) -> dict[str, torch.Tensor]:
+        lengths = [segment_length(p) for p in pairs]
+        capacity = max(self.row_tokens, max(lengths))
+        rows: list[list[int]] = []
+        room: list[int] = []
+        for j in sorted(range(len(pairs)), key=lambda j: -lengths[j]):
+            for r in range(len(rows)):
+                if lengths[j] <= room[r]:
+                    rows[r].append(j)
+                    room[r] -= lengths[j]
+                    break
+            else:
+                rows.append([j])
+                room.append(capacity - lengths[j])
+        return shared_prefix_batch(rows, pairs, self.pad_token_id)
+
+
+# ------------------------------------------------------------------------------------------------
+# Choosing a layout
+
+LAYOUTS = ("plain", "prefix_shared", "packed")
+MASKABLE_ATTENTION = ("sdpa", "eager", "flex_attention")
+
+
+def _row_cost(length: int, hidden: int) -> float:
+    """FLOPs (up to a constant) of one row of ``length`` tokens with a dense mask: the linear layers
+    grow like ``24·H²·L`` and attention like ``4·H·L²`` (it is computed for masked pairs too)."""
+    return 24.0 * hidden * hidden * length + 4.0 * hidden * length * length
+
+
+def estimate_costs(pairs: list[TokenizedPair], batch_size: int, hidden: int, *, samples: int = 64,
+                   seed: int = 0, row_tokens: int = 0) -> dict[str, float]:
+    """Mean estimated cost of one batch in each layout, over random batches of the data."""
+    import random
+
+    rng = random.Random(seed)
+    costs = dict.fromkeys(LAYOUTS, 0.0)
+    n = len(pairs)
+    for _ in range(samples):
+        batch = [pairs[rng.randrange(n)] for _ in range(min(batch_size, n))]
+        plain_width = max(len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)) for p in batch)
+        costs["plain"] += 2 * len(batch) * _row_cost(plain_width, hidden)
+        lengths = sorted((segment_length(p) for p in batch), reverse=True)
+        costs["prefix_shared"] += len(batch) * _row_cost(lengths[0], hidden)
+        capacity = max(row_tokens, lengths[0])
+        room: list[int] = []
+        for length in lengths:
+            for r, free in enumerate(room):
+                if length <= free:
+                    room[r] -= length
+                    break
+            else:
+                room.append(capacity - length)
+        costs["packed"] += len(room) * _row_cost(capacity, hidden)
+    return {k: v / samples for k, v in costs.items()}
+
+
+def choose_layout(requested: str, pairs: list[TokenizedPair], batch_size: int, model=None,
+                  row_tokens: int = 0) -> str:
+    """``requested`` itself, or for ``auto`` the layout with the lowest estimated cost (a layout
+    must save at least 5% over a simpler one to be chosen). Models whose attention cannot take a
+    custom 4D mask always get ``plain``."""
+    from prefopt.errors import ConfigError
+    from prefopt.selective import attn_implementation
+
+    impl = attn_implementation(model) if model is not None else "sdpa"
+    if requested != "auto":
+        if requested not in LAYOUTS:
+            raise ConfigError(f"layout must be auto or one of {', '.join(LAYOUTS)}; got {requested!r}")
+        if requested != "plain" and impl not in MASKABLE_ATTENTION:
+            raise ConfigError(
+                f"layout {requested!r} needs an attention implementation that takes a 4D mask "
+                f"({', '.join(MASKABLE_ATTENTION)}); the model uses {impl!r}"
+            )
+        return requested
+    if impl not in MASKABLE_ATTENTION or not pairs:
+        return "plain"
+    config = getattr(model, "config", None)
+    hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd", None) or 1024
+    costs = estimate_costs(pairs, batch_size, int(hidden), row_tokens=row_tokens)
+    best = "plain"
+    for layout in LAYOUTS[1:]:
+        if costs[layout] < 0.95 * costs[best]:
+            best = layout
+    return best
+
+
+def make_collator(layout: str, pad_token_id: int, row_tokens: int = 0):
+    from prefopt.data.collate import PaddedPairCollator
+
+    if layout == "plain":
+        return PaddedPairCollator(pad_token_id)
+    if layout == "prefix_shared":
+        return PrefixSharedCollator(pad_token_id)
+    return PackedCollator(pad_token_id, row_tokens)

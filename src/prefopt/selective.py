@@ -1,0 +1,154 @@
+"""Logits only where needed: the model body to hidden states, then the LM head at the target
+positions only, in chunks, so a ``[tokens, vocab]`` float32 logits tensor never exists whole.
+
+A DPO batch scores only completion tokens; computing full-vocabulary logits for every prompt token
+(as ``model(...).logits`` does) wastes ``2·H·V`` FLOPs per prompt token and, at vocab 32k-150k, most
+of the activation memory. ``target_token_logps`` runs ``body -> hidden[targets] -> head`` for the
+architectures where the head is exactly one ``nn.Linear`` on the last hidden state, and falls back
+to full logits elsewhere (logit soft-capping, logit scaling, wrapped models such as DDP or PEFT).
+
+The head's backward recomputes each chunk's logits instead of keeping them (``ChunkedHeadLogps``):
+one extra ``2·T·H·V`` matmul buys a peak of one ``[chunk, V]`` block instead of ``[T, V]``.
+
+This module also turns the layouts' boolean 4D attention masks into what the model's attention
+implementation takes: SDPA takes the bool mask itself, eager attention adds a float mask, and
+FlexAttention (GPU only, optional) takes a ``BlockMask``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+Tensor = torch.Tensor
+
+# Architectures whose causal-LM forward is ``lm_head(base(...).last_hidden_state)`` and nothing else.
+SAFE_MODEL_TYPES = frozenset({
+    "llama", "mistral", "qwen2", "qwen3", "gpt2", "gpt_neox", "phi3", "olmo", "olmo2", "gemma",
+    "stablelm", "starcoder2", "gpt_bigcode", "opt",
+})
+# Config attributes that mean the logits are transformed after the head: use full logits.
+UNSAFE_CONFIG_KEYS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+
+
+def split_lm_head(model) -> tuple[torch.nn.Module, torch.nn.Linear] | None:
+    """``(body, head)`` when applying the head to selected hidden states is exactly equal to
+    selecting from the full logits; ``None`` when that cannot be guaranteed."""
+    from transformers import PreTrainedModel
+
+    if not isinstance(model, PreTrainedModel):
+        return None
+    config = model.config
+    if getattr(config, "model_type", None) not in SAFE_MODEL_TYPES:
+        return None
+    if any(getattr(config, key, None) not in (None, 1, 1.0) for key in UNSAFE_CONFIG_KEYS):
+        return None
+    head = model.get_output_embeddings()
+    body = getattr(model, model.base_model_prefix, None)
+    if not isinstance(head, torch.nn.Linear) or not isinstance(body, torch.nn.Module) or body is model:
+        return None
+    return body, head
+
+
+class ChunkedHeadLogps(torch.autograd.Function):
+    """``log_softmax(hidden @ W.T + b)[tokens]`` per row, ``[T]`` float32, chunk by chunk.
+
+    Backward recomputes each chunk's logits: ``d logp_t / d z = onehot(token_t) - softmax(z_t)``.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, tokens, chunk_size):
+        out = hidden.new_empty(hidden.shape[0], dtype=torch.float32)
+        for s in range(0, hidden.shape[0], chunk_size):
+            logits = F.linear(hidden[s : s + chunk_size], weight, bias).float()
+            picked = logits.gather(-1, tokens[s : s + chunk_size, None]).squeeze(-1)
+            out[s : s + chunk_size] = picked - torch.logsumexp(logits, dim=-1)
+        ctx.save_for_backward(hidden, weight, bias, tokens)
+        ctx.chunk_size = chunk_size
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        hidden, weight, bias, tokens = ctx.saved_tensors
+        chunk_size = ctx.chunk_size
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
+        grad_b = torch.zeros_like(bias, dtype=torch.float32) if (need_b and bias is not None) else None
+        for s in range(0, hidden.shape[0], chunk_size):
+            h = hidden[s : s + chunk_size]
+            logits = F.linear(h, weight, bias).float()
+            g = -torch.softmax(logits, dim=-1)
+            g.scatter_add_(-1, tokens[s : s + chunk_size, None], torch.ones_like(g[:, :1]))
+            g.mul_(grad_out[s : s + chunk_size, None])
+            if grad_h is not None:
+                grad_h[s : s + chunk_size] = (g.to(weight.dtype) @ weight).to(hidden.dtype)
+            if grad_w is not None:
+                grad_w.addmm_(g.t(), h.float())
+            if grad_b is not None:
+                grad_b += g.sum(0)
+        grad_w = grad_w.to(weight.dtype) if grad_w is not None else None
+        grad_b = grad_b.to(bias.dtype) if grad_b is not None else None
+        return grad_h, grad_w, grad_b, None, None
+
+
+def attention_inputs(model, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The model inputs of ``batch``, with a 4D bool mask converted for the model's attention."""
+    from prefopt.logprobs import MODEL_INPUT_KEYS
+
+    inputs = {k: batch[k] for k in MODEL_INPUT_KEYS if k in batch}
+    mask = inputs.get("attention_mask")
+    if mask is not None and mask.dim() == 4:
+        inputs["attention_mask"] = convert_4d_mask(model, mask)
+    return inputs
+
+
+def attn_implementation(model) -> str:
+    config = getattr(model, "config", None)
+    return getattr(config, "_attn_implementation", None) or "sdpa"
+
+
+def convert_4d_mask(model, mask: Tensor):
+    impl = attn_implementation(model)
+    if impl == "sdpa":
+        return mask  # SDPA: True = attend
+    if impl == "eager":
+        dtype = next(model.parameters()).dtype
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, torch.finfo(dtype).min)
+    if impl == "flex_attention":
+        return flex_block_mask(mask)
+    from prefopt.errors import ConfigError
+
+    raise ConfigError(
+        f"attention implementation {impl!r} cannot take the custom masks of the prefix_shared and "
+        "packed layouts; use layout: plain, or load the model with sdpa, eager or flex_attention"
+    )
+
+
+def flex_block_mask(mask: Tensor):
+    """A FlexAttention ``BlockMask`` reading the dense bool mask (GPU only: FlexAttention's
+    backward does not run on CPU)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    dense = mask[:, 0]
+    n_rows, length = dense.shape[0], dense.shape[-1]
+
+    def mask_mod(b, h, q, kv):
+        return dense[b, q, kv]
+
+    return create_block_mask(mask_mod, B=n_rows, H=None, Q_LEN=length, KV_LEN=length, device=mask.device)
+
+
+def target_token_logps(model, batch: dict[str, Tensor], chunk_size: int = 1024, selective: bool = True) -> Tensor:
+    """Per-target-token log-probs ``[T]`` (float32) of ``batch`` (see collate.py for the contract)."""
+    from prefopt.logprobs import token_logps
+
+    inputs = attention_inputs(model, batch)
+    rows, positions, tokens = batch["target_rows"], batch["target_positions"], batch["target_tokens"]
+    parts = split_lm_head(model) if selective else None
+    if parts is None:
+        logits = model(**inputs, use_cache=False).logits  # [R, L, V]
+        return token_logps(logits[rows, positions], tokens, chunk_size)
+    body, head = parts
+    hidden = body(**inputs, use_cache=False).last_hidden_state  # [R, L, H]
+    return ChunkedHeadLogps.apply(hidden[rows, positions], head.weight, head.bias, tokens, chunk_size)

@@ -1,0 +1,145 @@
+"""Precomputed reference log-probs: one pass, a disk cache keyed by model and tokenized data, reused
+by a second run, invalidated by a change, and equal to the live reference."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+
+from prefopt.config import TrainConfig
+from prefopt.data.tokenize import TokenizedPair
+from prefopt.errors import PrefoptError
+from prefopt.reference import (
+    CachedReference,
+    ReferenceCache,
+    cache_key,
+    model_fingerprint,
+    pairs_fingerprint,
+    precompute,
+    table_from_rows,
+)
+from prefopt.toy import easy_preferences, write_jsonl
+
+THROUGHPUT = {"tokens_per_second", "pairs_per_second"}
+
+
+def run_train(model, data, cache_dir, out, **overrides):
+    from prefopt.pipeline import train
+
+    cfg = TrainConfig(
+        model_name_or_path=str(model), dataset=str(data["train"]), eval_dataset=str(data["eval"]),
+        output_dir=str(out), max_steps=2, logging_steps=1, per_device_train_batch_size=8,
+        learning_rate=1e-3, ref_logps_cache_dir=str(cache_dir), progress_bar=False, save_steps=0,
+        **overrides,
+    )
+    train(cfg)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k not in THROUGHPUT} for r in rows]
+
+
+def test_second_run_reuses_cache_and_matches_live_reference(tiny_llama, tmp_path, capsys):
+    data = {"train": write_jsonl(tmp_path / "train.jsonl", easy_preferences(24, seed=3)),
+            "eval": write_jsonl(tmp_path / "eval.jsonl", easy_preferences(8, seed=4))}
+    cache = tmp_path / "cache"
+    first = run_train(tiny_llama, data, cache, tmp_path / "a", precompute_ref_log_probs=True, layout="prefix_shared")
+    err = capsys.readouterr().err
+    assert "reference log-probs computed (0 cached, 2 computed)" in err
+    files = sorted(cache.glob("*.pt"))
+    assert len(files) == 2  # train and eval
+    stamps = [f.stat().st_mtime_ns for f in files]
+
+    second = run_train(tiny_llama, data, cache, tmp_path / "b", precompute_ref_log_probs=True, layout="plain")
+    assert "reference log-probs reused (2 cached, 0 computed)" in capsys.readouterr().err
+    assert [f.stat().st_mtime_ns for f in sorted(cache.glob("*.pt"))] == stamps  # not rewritten
+    live = run_train(tiny_llama, data, cache, tmp_path / "c", precompute_ref_log_probs=False)
+    for a, b, c in zip(first, second, live, strict=True):
+        assert a.keys() == b.keys() == c.keys()
+        for key in a:
+            assert a[key] == pytest.approx(c[key], rel=1e-4, abs=1e-5), key
+            assert b[key] == pytest.approx(c[key], rel=1e-4, abs=1e-5), key
+    assert first[-1]["eval/loss"] != pytest.approx(0.6931, abs=1e-4)  # the policy moved: a real comparison
+
+    # A change of tokenization settings (max_prompt_length cuts prompts) is a miss for train and eval.
+    run_train(tiny_llama, data, cache, tmp_path / "d", precompute_ref_log_probs=True, max_prompt_length=3)
+    assert "(0 cached, 2 computed)" in capsys.readouterr().err
+    # A change of the training data only: eval is still cached.
+    data["train"] = write_jsonl(tmp_path / "train2.jsonl", easy_preferences(24, seed=5))
+    run_train(tiny_llama, data, cache, tmp_path / "e", precompute_ref_log_probs=True)
+    assert "partly reused (1 cached, 1 computed)" in capsys.readouterr().err
+    assert len(list(cache.glob("*.pt"))) == 5
+
+
+def test_logps_command_writes_the_cache_train_reads(tiny_gpt2, easy_data, tmp_path, cli):
+    cache = tmp_path / "cache"
+    out = tmp_path / "logps.jsonl"
+    r = cli("logps", "--model", tiny_gpt2, "--dataset", easy_data["train"], "--output", out,
+            "--ref_logps_cache_dir", cache)
+    assert r.returncode == 0, r.stderr
+    (entry,) = cache.glob("*.pt")
+    table = torch.load(entry, weights_only=True)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert table["index"].tolist() == [row["index"] for row in rows]
+    assert table["chosen_logps"].tolist() == pytest.approx([row["chosen_logps"] for row in rows])
+    # train with that model as reference finds the entry (the eval set is not cached yet)
+    from prefopt.pipeline import train
+
+    cfg = TrainConfig(model_name_or_path=str(tiny_gpt2), dataset=str(easy_data["train"]),
+                      output_dir=str(tmp_path / "run"), max_steps=1, precompute_ref_log_probs=True,
+                      ref_logps_cache_dir=str(cache), progress_bar=False)
+    calls = []
+    from accelerate import Accelerator
+
+    from prefopt.data.collate import PaddedPairCollator
+    from prefopt.modeling import load_tokenizer
+    from prefopt.pipeline import prepare_dataset
+
+    pairs, _ = prepare_dataset(cfg, cfg.dataset, "train", load_tokenizer(str(tiny_gpt2)))
+    tables, stats = precompute(cfg, [pairs], lambda: calls.append(1), PaddedPairCollator(0),
+                               Accelerator(cpu=True), ReferenceCache(cache))
+    assert stats["hits"] == 1 and not calls  # the reference model is never loaded on a hit
+    torch.testing.assert_close(tables[0]["rejected_logps"], table["rejected_logps"])
+    train(cfg)
+
+
+def pair(i, prompt=(5, 6)):
+    return TokenizedPair(list(prompt), [7, 8], [9], None, None, i)
+
+
+def test_cache_key_depends_on_tokens_and_model(tiny_llama, tmp_path):
+    pairs = [pair(0), pair(1)]
+    assert pairs_fingerprint(pairs) == pairs_fingerprint([pair(0), pair(1)])
+    assert pairs_fingerprint(pairs) != pairs_fingerprint([pair(0), pair(1, prompt=(6,))])  # a truncated prompt
+    assert pairs_fingerprint(pairs) != pairs_fingerprint([pair(0), pair(2)])  # another pair index
+    model = tmp_path / "model"
+    shutil.copytree(tiny_llama, model)
+    before = model_fingerprint(str(model))
+    assert before == model_fingerprint(str(model))
+    assert cache_key(before, pairs) != cache_key(before, pairs[:1])
+    weights = next(model.glob("*.safetensors"))
+    st = weights.stat()
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))  # re-saved weights
+    assert model_fingerprint(str(model)) != before
+    config = model / "config.json"
+    config.write_text(config.read_text().replace('"rms_norm_eps": 1e-06', '"rms_norm_eps": 1e-05'))
+    assert model_fingerprint(str(model)) != before
+
+
+def test_cached_reference_looks_up_by_pair_index_and_damaged_files_are_misses(tmp_path):
+    train = table_from_rows([{"index": i, "chosen_logps": -i - 0.5, "rejected_logps": -2.0 * i} for i in (0, 2, 5)])
+    evals = table_from_rows([{"index": 0, "chosen_logps": -9.0, "rejected_logps": -8.0}])
+    ref = CachedReference([(train, 0), (evals, 6)])
+    out = ref({"pair_index": torch.tensor([5, 6, 0]), "input_ids": torch.zeros(1)})
+    assert out["chosen_logps"].tolist() == [-5.5, -9.0, -0.5]
+    assert out["rejected_logps"].tolist() == [-10.0, -8.0, 0.0]
+    for missing in (1, 7):
+        with pytest.raises(PrefoptError, match="no precomputed reference"):
+            ref({"pair_index": torch.tensor([missing]), "input_ids": torch.zeros(1)})
+    cache = ReferenceCache(tmp_path)
+    cache.save("k", train)
+    assert cache.load("k")["index"].tolist() == [0, 2, 5]
+    cache.path("k").write_bytes(b"not a torch file")
+    assert cache.load("k") is None
