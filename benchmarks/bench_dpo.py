@@ -196,7 +196,7 @@ def run_trl(spec: dict) -> dict:
     args = DPOConfig(
         output_dir=spec["out"], per_device_train_batch_size=spec["batch_size"], max_steps=spec["steps"],
         max_length=spec["max_length"], learning_rate=1e-6, lr_scheduler_type="linear", max_grad_norm=1.0,
-        optim="adamw_torch", gradient_checkpointing=False, bf16=False, fp16=False, use_cpu=True,
+        gradient_checkpointing=False, bf16=False, fp16=False, use_cpu=True,
         report_to="none", save_strategy="no", logging_steps=spec["steps"], disable_dropout=True,
         precompute_ref_log_probs=spec["system"].endswith("precompute"), dataloader_num_workers=0, seed=42,
     )

@@ -59,17 +59,19 @@ class ChunkedHeadLogps(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, tokens, chunk_size):
         out = hidden.new_empty(hidden.shape[0], dtype=torch.float32)
+        lse = hidden.new_empty(hidden.shape[0], dtype=torch.float32)
         for s in range(0, hidden.shape[0], chunk_size):
             logits = F.linear(hidden[s : s + chunk_size], weight, bias).float()
             picked = logits.gather(-1, tokens[s : s + chunk_size, None]).squeeze(-1)
-            out[s : s + chunk_size] = picked - torch.logsumexp(logits, dim=-1)
-        ctx.save_for_backward(hidden, weight, bias, tokens)
+            lse[s : s + chunk_size] = _logsumexp_(logits)
+            out[s : s + chunk_size] = picked - lse[s : s + chunk_size]
+        ctx.save_for_backward(hidden, weight, bias, tokens, lse)
         ctx.chunk_size = chunk_size
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        hidden, weight, bias, tokens = ctx.saved_tensors
+        hidden, weight, bias, tokens, lse = ctx.saved_tensors
         chunk_size = ctx.chunk_size
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         grad_h = torch.empty_like(hidden) if need_h else None
@@ -77,10 +79,12 @@ class ChunkedHeadLogps(torch.autograd.Function):
         grad_b = torch.zeros_like(bias, dtype=torch.float32) if (need_b and bias is not None) else None
         for s in range(0, hidden.shape[0], chunk_size):
             h = hidden[s : s + chunk_size]
-            logits = F.linear(h, weight, bias).float()
-            g = -torch.softmax(logits, dim=-1)
-            g.scatter_add_(-1, tokens[s : s + chunk_size, None], torch.ones_like(g[:, :1]))
-            g.mul_(grad_out[s : s + chunk_size, None])
+            go = grad_out[s : s + chunk_size, None]
+            # g = (onehot(token) - softmax(z)) * grad, built in the logits buffer itself (one
+            # [chunk, V] block), with the softmax from the forward's saved logsumexp.
+            g = F.linear(h, weight, bias).float()
+            g.sub_(lse[s : s + chunk_size, None]).exp_().mul_(-go)
+            g.scatter_add_(-1, tokens[s : s + chunk_size, None], go)
             if grad_h is not None:
                 grad_h[s : s + chunk_size] = (g.to(weight.dtype) @ weight).to(hidden.dtype)
             if grad_w is not None:
@@ -90,6 +94,21 @@ class ChunkedHeadLogps(torch.autograd.Function):
         grad_w = grad_w.to(weight.dtype) if grad_w is not None else None
         grad_b = grad_b.to(bias.dtype) if grad_b is not None else None
         return grad_h, grad_w, grad_b, None, None
+
+
+def _logsumexp_(logits: Tensor) -> Tensor:
+    """``logsumexp(logits, -1)`` computed in place (``logits`` is overwritten): torch's own
+    ``logsumexp`` allocates two more ``[T, V]`` temporaries."""
+    m = logits.amax(-1, keepdim=True)
+    m.masked_fill_(torch.isinf(m), 0.0)  # a row of -inf stays -inf instead of NaN
+    return logits.sub_(m).exp_().sum(-1).log_().add_(m.squeeze(-1))
+
+
+def head_chunk_size(vocab_size: int, budget: int = 1 << 24) -> int:
+    """Tokens per LM-head chunk so one float32 ``[chunk, vocab]`` block holds ``budget`` elements
+    (64 MB): 333 tokens at GPT-2's vocabulary, 110 at 150k. Large enough that the chunk's matmul
+    runs at full speed, small enough that the head's transient memory stays flat."""
+    return max(16, budget // max(vocab_size, 1))
 
 
 def attention_inputs(model, batch: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -139,7 +158,8 @@ def flex_block_mask(mask: Tensor):
     return create_block_mask(mask_mod, B=n_rows, H=None, Q_LEN=length, KV_LEN=length, device=mask.device)
 
 
-def target_token_logps(model, batch: dict[str, Tensor], chunk_size: int = 1024, selective: bool = True) -> Tensor:
+def target_token_logps(model, batch: dict[str, Tensor], chunk_size: int | None = None,
+                       selective: bool = True) -> Tensor:
     """Per-target-token log-probs ``[T]`` (float32) of ``batch`` (see collate.py for the contract)."""
     from prefopt.logprobs import token_logps
 
@@ -148,7 +168,8 @@ def target_token_logps(model, batch: dict[str, Tensor], chunk_size: int = 1024, 
     parts = split_lm_head(model) if selective else None
     if parts is None:
         logits = model(**inputs, use_cache=False).logits  # [R, L, V]
-        return token_logps(logits[rows, positions], tokens, chunk_size)
+        return token_logps(logits[rows, positions], tokens, chunk_size or 1024)
     body, head = parts
     hidden = body(**inputs, use_cache=False).last_hidden_state  # [R, L, H]
+    chunk_size = chunk_size or head_chunk_size(head.weight.shape[0])
     return ChunkedHeadLogps.apply(hidden[rows, positions], head.weight, head.bias, tokens, chunk_size)
