@@ -15,13 +15,25 @@ pays for lazy initialisation) scaled to all pairs, plus the whole reference prec
 system has one. Process start, imports, tokenization and model loading are left out for both sides
 (they are the same few seconds whatever the data size, and on a tiny benchmark would hide the work).
 
-FLOP accounting (the "achieved" column): the matmul FLOPs the run has to do, counted for the tokens
-that system actually runs (so TRL's second copy of every prompt counts for TRL):
-``6·N·T`` for the policy (forward + backward), ``2·N·T`` for the reference, with ``N`` the
-non-embedding parameters, plus the attention products ``12·layers·H·L²`` per row (6 with the
-causal half skipped), plus the LM head ``2·H·V`` per scored token (x3 with backward). Divided by
-the wall time and by the float32 matmul peak this machine reaches in the same session
-(``torch.mm`` of 2048x2048, best of several).
+FLOP accounting (the "FLOP/s share" column): model FLOPs, i.e. the matmul FLOPs of the model's
+own products for the tokens that system runs (so TRL's second copy of every prompt counts for TRL):
+
+- ``6·N·T`` for the policy (forward + backward) and ``2·N·T`` for the reference (live or
+  precomputed), with ``N = 12·layers·H²`` the non-embedding matmul parameters and ``T`` the tokens
+  of the rows without padding;
+- attention ``QKᵀ`` and ``AV``: ``4·H`` per (query, key) pair the causal mask allows, per layer,
+  x3 with backward. Both systems are credited with the same pairs (prompt and each response
+  causally, each response to the whole prompt); the masked pairs SDPA computes over a shared row
+  on CPU are not counted;
+- the LM head ``2·H·V`` per scored completion token only (x3 with backward); prompt positions need
+  no logits and are not counted; prefopt's recomputation of the head's logits in backward is not
+  counted either (it is memory-saving overhead, not model work);
+- not counted: embeddings, layer norms, activations, softmax, the optimizer.
+
+Divided by the wall time and by the float32 matmul peak this machine reaches in the same session:
+the fastest ``torch.mm`` over a 2048 square and the model's own shapes (projections over 768 rows,
+one LM-head chunk), measured before every repeat and at the end; the best of those counts, so a
+measurement disturbed by other jobs lowers nobody's share.
 """
 
 from __future__ import annotations
@@ -107,18 +119,32 @@ def build_model(directory: Path, hidden: int, layers: int, tok_dir: Path) -> Pat
     return directory
 
 
-def matmul_peak(seconds: float = 3.0, n: int = 2048) -> float:
-    """Best float32 ``torch.mm`` rate (FLOP/s) on this machine, all threads."""
+def matmul_shapes(hiddens: list[int], tokens: int = 768) -> list[tuple[int, int, int]]:
+    """``(m, k, n)`` of the products a training step runs: a 2048 square, and per hidden size the
+    attention/MLP projections over ``tokens`` rows and one LM-head chunk at GPT-2's vocabulary."""
+    sys.path.insert(0, str(ROOT / "src"))
+    from prefopt.selective import head_chunk_size
+
+    shapes = [(2048, 2048, 2048)]
+    for h in hiddens:
+        shapes += [(tokens, h, 3 * h), (tokens, h, 4 * h), (tokens, 4 * h, h), (head_chunk_size(VOCAB), h, VOCAB)]
+    return shapes
+
+
+def matmul_peak(shapes, seconds: float = 2.0) -> float:
+    """Best float32 matmul rate (FLOP/s) on this machine, all threads, over ``shapes``: each shape
+    is timed for ``seconds`` and the fastest single call counts (the least disturbed by other jobs)."""
     import torch
 
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    torch.mm(a, b)
-    best, end = 0.0, time.perf_counter() + seconds
-    while time.perf_counter() < end:
-        t0 = time.perf_counter()
-        for _ in range(4):
-            torch.mm(a, b)
-        best = max(best, 4 * 2 * n**3 / (time.perf_counter() - t0))
+    best = 0.0
+    for m, k, n in shapes:
+        a, b = torch.randn(m, k), torch.randn(k, n)
+        out = torch.mm(a, b)
+        end = time.perf_counter() + seconds
+        while time.perf_counter() < end:
+            t0 = time.perf_counter()
+            torch.mm(a, b, out=out)
+            best = max(best, 2 * m * k * n / (time.perf_counter() - t0))
     return best
 
 
@@ -236,6 +262,10 @@ def token_lengths(data: Path, tok_dir: Path) -> list[tuple[int, int, int]]:
     return out
 
 
+def causal(n: int) -> int:
+    return n * (n + 1) // 2
+
+
 def run_flops(system: str, lengths, hidden: int, layers: int, n_pairs: int) -> float:
     """Matmul FLOPs of training ``n_pairs`` pairs (see the module docstring)."""
     n_body = 12 * layers * hidden * hidden
@@ -246,7 +276,12 @@ def run_flops(system: str, lengths, hidden: int, layers: int, n_pairs: int) -> f
         else:  # prefix sharing (the layout auto picks for these shapes)
             rows = [p + c + r]
         tokens = sum(rows)
-        attn = sum(6 * layers * hidden * length * length for length in rows)  # causal half, fwd+bwd = 3x fwd
+        # Attention: QK^T and AV, 2·2·H FLOPs per (query, key) pair the causal mask allows, x3 with
+        # backward. Both systems need the same pairs: prompt and each response causally, and each
+        # response to the whole prompt (SDPA on CPU computes the masked pairs of a shared row too;
+        # they are not counted, as TRL's repeated prompt is).
+        pairs_needed = causal(p + c) + causal(p + r) if system.startswith("trl") else causal(p + c) + causal(r) + r * p
+        attn = 3 * 4 * layers * hidden * pairs_needed
         head = 2 * hidden * VOCAB * (c + r)
         total += 6 * n_body * tokens + attn + 3 * head
         total += 2 * n_body * tokens + attn / 3 + head  # reference forward (live or precomputed)
@@ -292,8 +327,10 @@ def main() -> None:
     data = {s: build_data(work / f"{s}.jsonl", words, n_pairs, *SHAPES[s], seed=1) for s in shapes}
     models = {h: build_model(work / f"gpt2-h{h}", h, args.layers, work / "tokenizer") for h in hiddens}
     lengths = {s: token_lengths(data[s], work / "tokenizer") for s in shapes}
-    peak = matmul_peak()
-    print(f"float32 matmul peak: {peak / 1e9:.1f} GFLOP/s", flush=True)
+    shapes_mm = matmul_shapes(hiddens)
+    peaks = [matmul_peak(shapes_mm)]  # measured again before every repeat and at the end
+    print(f"float32 matmul peak: {peaks[-1] / 1e9:.1f} GFLOP/s", flush=True)
+    peak = peaks[0]
     raw = open(args.raw, "a", encoding="utf-8") if args.raw else None  # noqa: SIM115
     if raw:
         raw.write(json.dumps({"peak": peak, "lengths": lengths, "args": vars(args)}) + "\n")
@@ -301,6 +338,9 @@ def main() -> None:
 
     results: dict[tuple, list[dict]] = {}
     for rep in range(args.repeats):
+        if rep:
+            peaks.append(matmul_peak(shapes_mm))
+            print(f"float32 matmul peak: {peaks[-1] / 1e9:.1f} GFLOP/s", flush=True)
         order = systems[rep % len(systems):] + systems[: rep % len(systems)]
         for shape in shapes:
             p, r = SHAPES[shape]
@@ -325,8 +365,11 @@ def main() -> None:
                     print(f"[{rep}] {shape:9s} h{hidden:<4d} {system:19s} {res['seconds']:7.2f} s "
                           f"{res['peak_rss_mb']:7.0f} MB", flush=True)
 
-    peak = max(peak, matmul_peak())  # measured again at the end: the best of the two
-    finish(results, args, lengths, peak)
+    peaks.append(matmul_peak(shapes_mm))
+    print(f"float32 matmul peak: {peaks[-1] / 1e9:.1f} GFLOP/s", flush=True)
+    if raw:
+        raw.write(json.dumps({"peaks": peaks}) + "\n")
+    finish(results, args, lengths, max(peaks), peaks)
 
 
 def report_from_raw(path: Path, args) -> None:
@@ -336,12 +379,16 @@ def report_from_raw(path: Path, args) -> None:
         if k not in ("from_raw", "raw", "output"):
             setattr(args, k, v)
     results: dict[tuple, list[dict]] = {}
+    peaks = [head["peak"]]
     for r in lines[1:]:
+        if "peaks" in r:
+            peaks = r["peaks"]
+            continue
         results.setdefault(tuple(r.pop("cell")), []).append(r)
-    finish(results, args, head["lengths"], head["peak"])
+    finish(results, args, head["lengths"], max(peaks), peaks)
 
 
-def finish(results, args, lengths, peak) -> None:
+def finish(results, args, lengths, peak, peaks=()) -> None:
     shapes = [s for s in args.shapes.split(",") if any(k[0] == s for k in results)]
     hiddens = [int(h) for h in args.hidden.split(",") if any(k[1] == int(h) for k in results)]
     systems = args.systems.split(",")
@@ -368,14 +415,14 @@ def finish(results, args, lengths, peak) -> None:
                     row["rss_vs_trl"] = base[row["system"]][1] / base["trl"][1]
                 if "trl_precompute" in base:
                     row["speed_vs_trl_precompute"] = base["trl_precompute"][0] / base[row["system"]][0]
-    report = render(rows, args, peak, n_pairs)
+    report = render(rows, args, peak, n_pairs, peaks)
     print(report)
     if not args.quick:
         Path(args.output).write_text(report, encoding="utf-8")
         print(f"wrote {args.output}")
 
 
-def render(rows, args, peak, n_pairs) -> str:
+def render(rows, args, peak, n_pairs, peaks=()) -> str:
     import torch
     import transformers
     import trl
@@ -390,7 +437,9 @@ def render(rows, args, peak, n_pairs) -> str:
         "",
         f"Machine: {platform.machine()} {platform.processor() or ''}, {os.cpu_count()} CPU cores, "
         f"torch {torch.__version__} ({torch.get_num_threads()} threads), transformers {transformers.__version__}, "
-        f"TRL {trl.__version__}; float32 matmul peak measured in this run: {peak / 1e9:.1f} GFLOP/s.",
+        f"TRL {trl.__version__}; float32 matmul peak measured in this run: {peak / 1e9:.1f} GFLOP/s (the best of "
+        f"{len(peaks) or 1} measurements before each repeat and at the end: "
+        f"{', '.join(f'{x / 1e9:.0f}' for x in peaks)} GFLOP/s; 2048-square, projection and LM-head-chunk shapes).",
         "",
         f"Each cell: {n_pairs} pairs ({args.steps} steps of {args.batch_size}), GPT-2 architecture with "
         f"{args.layers} layers and GPT-2's vocabulary (50257), random weights, float32, AdamW, median of "
@@ -419,7 +468,8 @@ NOTES = """## Conditions and caveats
   are low and noisy (compare the per-run times in the last column); ratios come from runs that
   alternate between systems, so both sides saw the same conditions on average.
 - TRL runs with `gradient_checkpointing=False` and `bf16=False` (its defaults are True) so both sides
-  do the same float32 work on CPU; `optim="adamw_torch"`, `save_strategy="no"`, `report_to="none"`.
+  do the same float32 work on CPU; `save_strategy="no"`, `report_to="none"`, and its default
+  optimizer (`adamw_torch_fused` with torch >= 2.8). prefopt uses the same fused AdamW kernel.
 - TRL 1.16 already applies its LM head only at completion positions (its fused, tiled head), so the
   difference measured here is mostly prefix sharing (the prompt runs once, not twice) and padding.
 - A single epoch pays for the reference forward pass once, precomputed or not; the precompute wins

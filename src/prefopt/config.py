@@ -150,6 +150,11 @@ class TrainConfig:
         None, "Reference log-prob cache directory; default $PREFOPT_CACHE_DIR/ref_logps or "
         "~/.cache/prefopt/ref_logps.", group="performance",
     )
+    return_freed_memory: bool = opt(
+        True, "Linux/glibc: serve tensors of 1 MiB and more from their own memory maps, so memory freed "
+        "between steps goes back to the system instead of fragmenting the heap (lower peak RSS on CPU).",
+        group="performance",
+    )
     # --- logging and output ---
     output_dir: str = opt("outputs/prefopt", "Where checkpoints, metrics and the final model go.", group="output")
     logging_steps: int = opt(10, "Log metrics every N optimizer steps.", group="output")

@@ -96,6 +96,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
     cfg.validate()
     plan = plan_run(cfg)  # output_dir rule, model paths, checkpoint to resume: before anything is read
+    if cfg.return_freed_memory:
+        from prefopt.memory import return_freed_memory
+
+        return_freed_memory()  # lower peak RSS on CPU (memory.py)
 
     accelerator = build_accelerator(cfg)  # engine, mixed precision, torch.compile (issue 7)
     set_seed(cfg.seed)

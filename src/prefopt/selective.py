@@ -75,8 +75,8 @@ class ChunkedHeadLogps(torch.autograd.Function):
         chunk_size = ctx.chunk_size
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         grad_h = torch.empty_like(hidden) if need_h else None
-        grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
-        grad_b = torch.zeros_like(bias, dtype=torch.float32) if (need_b and bias is not None) else None
+        need_b = need_b and bias is not None
+        grad_w = grad_b = None  # allocated by the first chunk's product (no [V, H] zero fill)
         for s in range(0, hidden.shape[0], chunk_size):
             h = hidden[s : s + chunk_size]
             go = grad_out[s : s + chunk_size, None]
@@ -87,10 +87,14 @@ class ChunkedHeadLogps(torch.autograd.Function):
             g.scatter_add_(-1, tokens[s : s + chunk_size, None], go)
             if grad_h is not None:
                 grad_h[s : s + chunk_size] = (g.to(weight.dtype) @ weight).to(hidden.dtype)
-            if grad_w is not None:
-                grad_w.addmm_(g.t(), h.float())
-            if grad_b is not None:
-                grad_b += g.sum(0)
+            if need_w:
+                grad_w = g.t() @ h.float() if grad_w is None else grad_w.addmm_(g.t(), h.float())
+            if need_b:
+                grad_b = g.sum(0) if grad_b is None else grad_b.add_(g.sum(0))
+        if need_w and grad_w is None:  # no target tokens
+            grad_w = torch.zeros_like(weight, dtype=torch.float32)
+        if need_b and grad_b is None:
+            grad_b = torch.zeros_like(bias, dtype=torch.float32)
         grad_w = grad_w.to(weight.dtype) if grad_w is not None else None
         grad_b = grad_b.to(bias.dtype) if grad_b is not None else None
         return grad_h, grad_w, grad_b, None, None
