@@ -1,0 +1,84 @@
+"""CPU memory/speed measures of issue 6: fused AdamW, the in-place chunked LM head, glibc's mmap
+threshold. Each must leave the numbers as they were (within float rounding)."""
+
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from prefopt.schedule import build_optimizer, fused_adamw_ok
+from prefopt.selective import ChunkedHeadLogps, _logsumexp_, head_chunk_size
+
+
+def test_inplace_logsumexp_matches_torch_including_inf_rows():
+    torch.manual_seed(0)
+    x = torch.randn(5, 97) * 30
+    x[2] = float("-inf")  # a fully masked row stays -inf (torch.logsumexp's answer), not NaN
+    x[3, :50] = float("-inf")
+    want = torch.logsumexp(x, -1)
+    got = _logsumexp_(x.clone())
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    assert got[2] == float("-inf")
+
+
+def test_head_chunk_size_bounds_the_logits_block():
+    assert head_chunk_size(50257) == (1 << 24) // 50257 == 333
+    assert head_chunk_size(151936) == 110
+    assert head_chunk_size(10**9) == 16  # never fewer than 16 tokens per chunk
+    assert head_chunk_size(11) * 11 <= 1 << 24
+
+
+@pytest.mark.parametrize("n_tokens", [0, 1, 7])
+def test_chunked_head_gradients_with_and_without_targets(n_tokens):
+    torch.manual_seed(1)
+    h = torch.randn(n_tokens, 4, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(11, 4, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(11, dtype=torch.float64, requires_grad=True)
+    tokens = torch.randint(0, 11, (n_tokens,))
+    got = ChunkedHeadLogps.apply(h, w, b, tokens, 2)
+    want = torch.log_softmax(h @ w.T + b, -1).gather(-1, tokens[:, None]).squeeze(-1)
+    g = torch.randn(n_tokens, dtype=torch.float64)
+    grads = torch.autograd.grad((got * g).sum() + 0 * w.sum() + 0 * b.sum(), (h, w, b))
+    want_grads = torch.autograd.grad((want * g).sum() + 0 * w.sum() + 0 * b.sum(), (h, w, b))
+    for a, e in zip(grads, want_grads):
+        torch.testing.assert_close(a, e, rtol=1e-6, atol=1e-6)
+    if n_tokens == 0:
+        assert not grads[1].any() and not grads[2].any()
+
+
+def test_fused_adamw_is_used_on_cpu_and_matches_the_loop():
+    cfg = SimpleNamespace(optimizer="adamw", learning_rate=1e-2, adam_beta1=0.9, adam_beta2=0.999,
+                          adam_epsilon=1e-8, weight_decay=0.1)
+    torch.manual_seed(0)
+    a = [torch.randn(13, 7, requires_grad=True), torch.randn(7, requires_grad=True)]
+    b = [p.detach().clone().requires_grad_() for p in a]
+    fused = build_optimizer(cfg, a)
+    assert fused.param_groups[0]["fused"] is True
+    loop = torch.optim.AdamW(b, lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.1, foreach=False)
+    for _ in range(4):
+        for p, q in zip(a, b):
+            grad = torch.randn_like(p)
+            p.grad, q.grad = grad.clone(), grad.clone()
+        fused.step()
+        loop.step()
+    for p, q in zip(a, b):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-6)
+        assert not torch.equal(p, torch.zeros_like(p))
+
+
+def test_fused_adamw_only_for_floating_params_on_one_device():
+    assert fused_adamw_ok([torch.zeros(2), torch.zeros(3)])
+    assert not fused_adamw_ok([])
+    assert not fused_adamw_ok([torch.zeros(2, dtype=torch.long)])
+    assert not fused_adamw_ok([torch.zeros(2), torch.zeros(2, device="meta")])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc only")
+def test_return_freed_memory_sets_glibc_threshold():
+    import platform
+
+    from prefopt.memory import return_freed_memory
+
+    ok = return_freed_memory(1 << 20)
+    assert ok == (platform.libc_ver()[0] == "glibc")
