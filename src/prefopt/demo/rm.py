@@ -8,6 +8,7 @@ Everything goes through the functions behind the ``prefopt reward`` commands:
 from __future__ import annotations
 
 import dataclasses
+import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,7 @@ def reward_model_stage(rm_dir: Path, sft_dir: Path, files: dict[str, Path], scor
     train_scored = score_dataset(dataclasses.replace(cfg, dataset=str(files["train_noisy"])), rewarder,
                                  scored["train"])
     score_dataset(dataclasses.replace(cfg, dataset=str(files["heldout"])), rewarder, scored["heldout"])
+    disagrees, disagrees_flipped, flipped = _disagreements(files["train"], scored["train"])
     return {
         "train_pairs": train_scored["rows"],
         "steps": last.get("step"),
@@ -54,5 +56,26 @@ def reward_model_stage(rm_dir: Path, sft_dir: Path, files: dict[str, Path], scor
         "heldout_ece_noisy_labels": noisy["ece"],
         # training pairs whose reward-model scores disagree with their label: ODPO drops them
         # (nonpositive_score_diff: drop), so the learned-offset run trains on the rest
-        "train_pairs_rm_disagrees": train_scored["pairs_chosen_not_above_rejected"],
+        "train_pairs_rm_disagrees": disagrees,
+        # ... and how many of those labels were flipped by the annotators' noise (of `flipped` in all)
+        "train_pairs_rm_disagrees_flipped": disagrees_flipped,
+        "train_pairs_flipped": flipped,
     }
+
+
+def _disagreements(clean_file: Path, scored_file: Path) -> tuple[int, int, int]:
+    """Pairs whose reward-model scores disagree with their (noisy) label, how many of those labels
+    are flipped relative to the ground-truth ordering in ``clean_file``, and all flipped labels."""
+    clean, scored = _read_jsonl(clean_file), _read_jsonl(scored_file)
+    disagrees = disagrees_flipped = flipped = 0
+    for c, s in zip(clean, scored, strict=True):
+        is_flipped = s["chosen"] != c["chosen"]
+        is_disagreeing = not s["score_chosen"] > s["score_rejected"]
+        flipped += is_flipped
+        disagrees += is_disagreeing
+        disagrees_flipped += is_flipped and is_disagreeing
+    return disagrees, disagrees_flipped, flipped
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
