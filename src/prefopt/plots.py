@@ -86,10 +86,10 @@ def plot_training_curves(runs: dict[str, str | Path], path: str | Path) -> Path:
 
     plt = _pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(14, 4.2))
-    cmap = plt.get_cmap("tab10")
+    cmap = plt.get_cmap("tab10" if len(runs) <= 10 else "tab20")
     for i, (name, metrics_path) in enumerate(runs.items()):
         rows = read_metrics(metrics_path)
-        color = cmap(i % 10)
+        color = cmap(i % cmap.N)
         train = [r for r in rows if "loss" in r]
         evals = [r for r in rows if "eval/loss" in r]
         steps = [r["step"] for r in train]
