@@ -246,15 +246,16 @@ def test_demo_quick_eval_and_plot_end_to_end(cli, tmp_path):
         assert f"[{stage}/7]" in res.stderr
     report = json.loads((out / "report.json").read_text())
     runs = report["runs"]
-    assert [r["method"] for r in runs] == ["sft", "dpo", "odpo", "dpo_noisy", "odpo_rm"]
+    assert [r["method"] for r in runs] == ["sft", "dpo", "odpo", "dpo_noisy", "dpo_rm_filtered", "odpo_rm"]
     for r in runs:
         assert all(k in r for k in REPORT_FIELDS), r
     assert runs[0]["kl"] == 0.0 and runs[0]["accuracy"] is None
     assert runs[2]["alpha"] == 0.5 and runs[1]["alpha"] is None
     # Where labels and offsets came from (issue 5), and the reward model's numbers.
     assert [(r["labels"], r["offsets"]) for r in runs] == [
-        (None, None), ("scorer", None), ("scorer", "scorer"), ("bt_noise", None), ("bt_noise", "reward_model")]
-    assert (runs[3]["beta"], runs[4]["beta"], runs[4]["alpha"]) == (1.0, 1.0, 0.5)
+        (None, None), ("scorer", None), ("scorer", "scorer"), ("bt_noise", None), ("bt_noise_rm_agrees", None),
+        ("bt_noise", "reward_model")]
+    assert [r["beta"] for r in runs[3:]] == [1.0, 1.0, 1.0] and (runs[4]["alpha"], runs[5]["alpha"]) == (None, 0.5)
     rm = report["reward_model"]
     assert 0.0 <= rm["heldout_accuracy"] <= 1.0 and rm["heldout_pairs"] == report["data"]["heldout"]["pairs"]
     assert rm["train_pairs"] == report["data"]["train"]["pairs"]
@@ -297,6 +298,11 @@ def test_demo_quick_eval_and_plot_end_to_end(cli, tmp_path):
                                                                                          abs=1e-4)
     odpo_rm_summary = json.loads((out / "runs" / "odpo_rm_beta1.0_alpha0.5" / "data_summary.json").read_text())
     assert odpo_rm_summary["train"]["nonpositive_score_diff"] == rm["train_pairs_rm_disagrees"]
+    # The control run trains on exactly the pairs the learned-offset run keeps, without scores.
+    agreed = [json.loads(line) for line in (out / "data" / "train_pairs_noisy_rm_agrees.jsonl").read_text().splitlines()]
+    assert agreed == [{"prompt": a["prompt"], "chosen": a["chosen"], "rejected": a["rejected"]}
+                      for a in ours if a["score_chosen"] > a["score_rejected"]]
+    assert odpo_rm_summary["train"]["tokenization"]["pairs_kept"] == len(agreed)
 
     # `prefopt eval` with the demo's sampling settings reproduces the demo's numbers for that run.
     dpo = runs[1]

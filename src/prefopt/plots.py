@@ -13,9 +13,10 @@ from prefopt.errors import PrefoptError
 METHOD_COLORS = {"dpo": "tab:blue", "odpo": "tab:orange", "cdpo": "tab:green", "ipo": "tab:red",
                  "hinge": "tab:purple"}
 # The demo's runs on noisy labels (issue 5): their own colour, marker and legend text.
-METHOD_COLORS.update({"dpo_noisy": "tab:cyan", "odpo_rm": "tab:brown"})
-METHOD_STYLES = {"dpo_noisy": "s--", "odpo_rm": "D--"}  # dashed: trained on noisy labels
-METHOD_LABELS = {"dpo_noisy": "DPO, noisy labels", "odpo_rm": "ODPO, noisy labels + RM offsets"}
+METHOD_COLORS.update({"dpo_noisy": "tab:cyan", "dpo_rm_filtered": "tab:olive", "odpo_rm": "tab:brown"})
+METHOD_STYLES = {"dpo_noisy": "s--", "dpo_rm_filtered": "^--", "odpo_rm": "D--"}  # dashed: noisy labels
+METHOD_LABELS = {"dpo_noisy": "DPO, noisy labels", "dpo_rm_filtered": "DPO, noisy labels the RM agrees with",
+                 "odpo_rm": "ODPO, noisy labels + RM offsets"}
 
 
 def _pyplot():

@@ -20,6 +20,9 @@ def reward_model_stage(rm_dir: Path, sft_dir: Path, files: dict[str, Path], scor
     held-out pairs (``files["heldout"]``: labelled by the ground-truth scorer; ``files["heldout_noisy"]``:
     labelled by the noisy annotators), then write the reward model's scores into
     ``scored["train"]`` (the noisy training pairs) and ``scored["heldout"]`` (the held-out pairs).
+    ``scored["train_agreed"]`` gets the noisy training pairs whose label the reward model agrees
+    with (``score_chosen > score_rejected``, the pairs ODPO keeps), without scores: the control run
+    that separates ODPO's filtering from its offsets.
 
     Returns the numbers of the report's ``reward_model`` section."""
     from prefopt.config import TrainConfig
@@ -45,6 +48,11 @@ def reward_model_stage(rm_dir: Path, sft_dir: Path, files: dict[str, Path], scor
                                  scored["train"])
     score_dataset(dataclasses.replace(cfg, dataset=str(files["heldout"])), rewarder, scored["heldout"])
     disagrees, disagrees_flipped, flipped = _disagreements(files["train"], scored["train"])
+    from prefopt.toy import write_jsonl
+
+    write_jsonl(scored["train_agreed"], [{k: r[k] for k in ("prompt", "chosen", "rejected")}
+                                         for r in _read_jsonl(scored["train"])
+                                         if r["score_chosen"] > r["score_rejected"]])
     return {
         "train_pairs": train_scored["rows"],
         "steps": last.get("step"),

@@ -8,8 +8,8 @@ Stages (each with its own progress bar):
   4. reward    a BT reward model trained on the noisy labels (``prefopt reward train``'s code), its
                held-out accuracy, and its scores written into the noisy pairs (``reward score``)
   5. train     DPO and ODPO from the SFT model with ``prefopt.pipeline.train`` (``prefopt train``'s
-               code); and at ``noisy_betas``, DPO on the noisy labels and ODPO on the noisy labels with
-               the reward model's scores as offsets
+               code); and at ``noisy_betas``, DPO on the noisy labels, ODPO on the noisy labels with
+               the reward model's scores as offsets, and DPO on the pairs that ODPO run keeps
   6. eval      every run on held-out prompts: reward, KL from the SFT model, accuracy on held-out pairs
   7. report    report.json, report.md, frontier.png, training_curves.png
 
@@ -32,6 +32,7 @@ RUN_SOURCES = {
     "dpo": {"labels": "scorer", "offsets": None},
     "odpo": {"labels": "scorer", "offsets": "scorer"},
     "dpo_noisy": {"labels": "bt_noise", "offsets": None},
+    "dpo_rm_filtered": {"labels": "bt_noise_rm_agrees", "offsets": None},
     "odpo_rm": {"labels": "bt_noise", "offsets": "reward_model"},
 }
 
@@ -147,8 +148,10 @@ def run_demo(output_dir: str | Path, *, quick: bool = False, progress: bool = Tr
                      "held-out accuracy, scores for ODPO")
     pair_files["train_rm"] = data_dir / "train_pairs_noisy_rm.jsonl"
     pair_files["heldout_rm"] = data_dir / "heldout_pairs_rm.jsonl"
+    pair_files["train_agreed"] = data_dir / "train_pairs_noisy_rm_agrees.jsonl"
     rm_report = reward_model_stage(out / "reward_model", sft_dir, pair_files,
-                                   {"train": pair_files["train_rm"], "heldout": pair_files["heldout_rm"]},
+                                   {"train": pair_files["train_rm"], "heldout": pair_files["heldout_rm"],
+                                    "train_agreed": pair_files["train_agreed"]},
                                    settings=s, progress=progress)
 
     # (name, method, loss_type, beta, train file, eval file); the eval file gives the training-time
@@ -156,6 +159,9 @@ def run_demo(output_dir: str | Path, *, quick: bool = False, progress: bool = Tr
     runs = [(f"{m}_beta{beta}" + (f"_alpha{s.odpo_alpha}" if m == "odpo" else ""), m, m, beta, "train", "heldout")
             for m in s.methods for beta in s.betas]
     runs += [(f"dpo_noisy_beta{beta}", "dpo_noisy", "dpo", beta, "train_noisy", "heldout") for beta in s.noisy_betas]
+    # the control: DPO on exactly the pairs odpo_rm keeps, so odpo_rm - dpo_rm_filtered is the offsets' effect
+    runs += [(f"dpo_rm_filtered_beta{beta}", "dpo_rm_filtered", "dpo", beta, "train_agreed", "heldout")
+             for beta in s.noisy_betas]
     runs += [(f"odpo_rm_beta{beta}_alpha{s.odpo_alpha}", "odpo_rm", "odpo", beta, "train_rm", "heldout_rm")
              for beta in s.noisy_betas]
     methods = list(dict.fromkeys(r[1] for r in runs))
