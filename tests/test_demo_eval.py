@@ -242,22 +242,67 @@ def test_demo_quick_eval_and_plot_end_to_end(cli, tmp_path):
     out = tmp_path / "demo"
     res = cli("demo", "--quick", "--output_dir", out)
     assert res.returncode == 0, res.stderr
-    for stage in range(1, 7):
-        assert f"[{stage}/6]" in res.stderr
+    for stage in range(1, 8):
+        assert f"[{stage}/7]" in res.stderr
     report = json.loads((out / "report.json").read_text())
     runs = report["runs"]
-    assert [r["method"] for r in runs] == ["sft", "dpo", "odpo"]
+    assert [r["method"] for r in runs] == ["sft", "dpo", "odpo", "dpo_noisy", "dpo_rm_filtered", "odpo_rm"]
     for r in runs:
         assert all(k in r for k in REPORT_FIELDS), r
     assert runs[0]["kl"] == 0.0 and runs[0]["accuracy"] is None
     assert runs[2]["alpha"] == 0.5 and runs[1]["alpha"] is None
+    # Where labels and offsets came from (issue 5), and the reward model's numbers.
+    assert [(r["labels"], r["offsets"]) for r in runs] == [
+        (None, None), ("scorer", None), ("scorer", "scorer"), ("bt_noise", None), ("bt_noise_rm_agrees", None),
+        ("bt_noise", "reward_model")]
+    assert [r["beta"] for r in runs[3:]] == [1.0, 1.0, 1.0] and (runs[4]["alpha"], runs[5]["alpha"]) == (None, 0.5)
+    rm = report["reward_model"]
+    assert 0.0 <= rm["heldout_accuracy"] <= 1.0 and rm["heldout_pairs"] == report["data"]["heldout"]["pairs"]
+    assert rm["train_pairs"] == report["data"]["train"]["pairs"]
+    noisy = report["data"]["train_noisy"]
+    assert noisy["pairs"] == report["data"]["train"]["pairs"] and 0 < noisy["flipped"] < noisy["pairs"]
     md = (out / "report.md").read_text()
     assert "| dpo_beta1.0 | dpo |" in md and "| sft | sft |" in md
+    assert "| odpo_rm_beta1.0_alpha0.5 | odpo_rm | bt_noise | reward_model |" in md and "Reward model" in md
     assert (out / "frontier.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     pairs = [json.loads(line) for line in (out / "data" / "train_pairs.jsonl").read_text().splitlines()]
     assert pairs and all(p["score_chosen"] > p["score_rejected"] for p in pairs)
     assert all(world.sentiment_score([f"{p['prompt']} {p['chosen']}"])[0] == pytest.approx(p["score_chosen"])
                for p in pairs)
+    # The noisy labels: the same pairs, no scores, `flipped` of them swapped.
+    labelled = [json.loads(line) for line in (out / "data" / "train_pairs_noisy.jsonl").read_text().splitlines()]
+    assert all(set(r) == {"prompt", "chosen", "rejected"} for r in labelled)
+    assert sum(r["chosen"] == p["rejected"] and r["rejected"] == p["chosen"] for r, p in zip(labelled, pairs)) \
+        == noisy["flipped"]
+    # The learned offsets are `prefopt reward score` of the reward model on those labels, and the held-out
+    # accuracy is `prefopt reward eval` on the ground-truth ordered held-out pairs.
+    scored = tmp_path / "rescored.jsonl"
+    res = cli("reward", "score", "--model", out / "reward_model", "--dataset", out / "data" / "train_pairs_noisy.jsonl",
+              "--output", scored, "--max_length", 64, "--max_prompt_length", 32, "--batch_size", 64)
+    assert res.returncode == 0, res.stderr
+    ours = [json.loads(line) for line in (out / "data" / "train_pairs_noisy_rm.jsonl").read_text().splitlines()]
+    theirs = [json.loads(line) for line in scored.read_text().splitlines()]
+    assert len(ours) == len(theirs) == len(labelled)
+    for a, b, r in zip(ours, theirs, labelled):
+        assert (a["chosen"], a["rejected"]) == (r["chosen"], r["rejected"])
+        assert a["score_chosen"] == pytest.approx(b["score_chosen"], abs=1e-5)
+        assert a["score_rejected"] == pytest.approx(b["score_rejected"], abs=1e-5)
+    assert sum(not a["score_chosen"] > a["score_rejected"] for a in ours) == rm["train_pairs_rm_disagrees"]
+    assert rm["train_pairs_flipped"] == noisy["flipped"]
+    assert rm["train_pairs_rm_disagrees_flipped"] == sum(
+        not a["score_chosen"] > a["score_rejected"] and a["chosen"] != p["chosen"] for a, p in zip(ours, pairs))
+    res = cli("reward", "eval", "--model", out / "reward_model", "--dataset", out / "data" / "heldout_pairs.jsonl",
+              "--max_length", 64, "--max_prompt_length", 32)
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout.strip().splitlines()[-1])["accuracy"] == pytest.approx(rm["heldout_accuracy"],
+                                                                                         abs=1e-4)
+    odpo_rm_summary = json.loads((out / "runs" / "odpo_rm_beta1.0_alpha0.5" / "data_summary.json").read_text())
+    assert odpo_rm_summary["train"]["nonpositive_score_diff"] == rm["train_pairs_rm_disagrees"]
+    # The control run trains on exactly the pairs the learned-offset run keeps, without scores.
+    agreed = [json.loads(line) for line in (out / "data" / "train_pairs_noisy_rm_agrees.jsonl").read_text().splitlines()]
+    assert agreed == [{"prompt": a["prompt"], "chosen": a["chosen"], "rejected": a["rejected"]}
+                      for a in ours if a["score_chosen"] > a["score_rejected"]]
+    assert odpo_rm_summary["train"]["tokenization"]["pairs_kept"] == len(agreed)
 
     # `prefopt eval` with the demo's sampling settings reproduces the demo's numbers for that run.
     dpo = runs[1]

@@ -12,6 +12,11 @@ from prefopt.errors import PrefoptError
 # Fixed colours per method, so a method looks the same on every plot.
 METHOD_COLORS = {"dpo": "tab:blue", "odpo": "tab:orange", "cdpo": "tab:green", "ipo": "tab:red",
                  "hinge": "tab:purple"}
+# The demo's runs on noisy labels (issue 5): their own colour, marker and legend text.
+METHOD_COLORS.update({"dpo_noisy": "tab:cyan", "dpo_rm_filtered": "tab:olive", "odpo_rm": "tab:brown"})
+METHOD_STYLES = {"dpo_noisy": "s--", "dpo_rm_filtered": "^--", "odpo_rm": "D--"}  # dashed: noisy labels
+METHOD_LABELS = {"dpo_noisy": "DPO, noisy labels", "dpo_rm_filtered": "DPO, noisy labels the RM agrees with",
+                 "odpo_rm": "ODPO, noisy labels + RM offsets"}
 
 
 def _pyplot():
@@ -39,9 +44,10 @@ def plot_frontier(entries: list[dict[str, Any]], path: str | Path, *, title: str
         # An alpha shared by the whole curve goes in the legend, not on every point.
         alphas = {p.get("alpha") for p in points}
         shared_alpha = alphas.pop() if len(alphas) == 1 else None
-        legend = method.upper() + (f" (α={shared_alpha:g})" if shared_alpha is not None else "")
-        ax.plot([p["kl"] for p in points], [p["reward"] for p in points], "o-", color=color, label=legend,
-                markersize=6)
+        legend = METHOD_LABELS.get(method, method.upper()) + (
+            f" (α={shared_alpha:g})" if shared_alpha is not None else "")
+        ax.plot([p["kl"] for p in points], [p["reward"] for p in points], METHOD_STYLES.get(method, "o-"),
+                color=color, label=legend, markersize=6 if method not in METHOD_STYLES else 8)
         for p in points:
             label = _point_label(p, with_alpha=shared_alpha is None)
             if label:
@@ -81,10 +87,10 @@ def plot_training_curves(runs: dict[str, str | Path], path: str | Path) -> Path:
 
     plt = _pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(14, 4.2))
-    cmap = plt.get_cmap("tab10")
+    cmap = plt.get_cmap("tab10" if len(runs) <= 10 else "tab20")
     for i, (name, metrics_path) in enumerate(runs.items()):
         rows = read_metrics(metrics_path)
-        color = cmap(i % 10)
+        color = cmap(i % cmap.N)
         train = [r for r in rows if "loss" in r]
         evals = [r for r in rows if "eval/loss" in r]
         steps = [r["step"] for r in train]

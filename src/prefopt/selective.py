@@ -36,7 +36,9 @@ def split_lm_head(model) -> tuple[torch.nn.Module, torch.nn.Linear] | None:
     selecting from the full logits; ``None`` when that cannot be guaranteed."""
     from transformers import PreTrainedModel
 
-    if not isinstance(model, PreTrainedModel):
+    if not isinstance(model, PreTrainedModel) or _is_fsdp(model):
+        # FSDP2 shards in place and gathers parameters around the root module's forward only:
+        # calling the body and the head separately would break its single-root bookkeeping.
         return None
     config = model.config
     if getattr(config, "model_type", None) not in SAFE_MODEL_TYPES:
@@ -48,6 +50,14 @@ def split_lm_head(model) -> tuple[torch.nn.Module, torch.nn.Linear] | None:
     if not isinstance(head, torch.nn.Linear) or not isinstance(body, torch.nn.Module) or body is model:
         return None
     return body, head
+
+
+def _is_fsdp(model: torch.nn.Module) -> bool:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - torch built without distributed
+        return False
+    return isinstance(model, FSDPModule)
 
 
 class ChunkedHeadLogps(torch.autograd.Function):

@@ -139,7 +139,10 @@ class Trainer:
     # ------------------------------------------------------------------ running a batch
     def _forward(self, indices: list[int], data: Sequence) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
         batch = to_device(self.collator([data[i] for i in indices]), self.accelerator.device)
-        losses, metrics = self.objective(self.model, batch)
+        # Accelerate autocasts only the prepared model's forward; the selective LM head calls the
+        # body and the head directly, so the whole objective runs under the same autocast.
+        with self.accelerator.autocast():
+            losses, metrics = self.objective(self.model, batch)
         return losses, metrics, int(batch["num_tokens"])
 
     def _reduce_sums(self, sums: dict[str, float], counts: float) -> tuple[dict[str, float], float]:

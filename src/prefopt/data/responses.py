@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from prefopt.data.tokenize import _adds_bos
+from prefopt.data.tokenize import SpecialTokens
 
 
 @dataclass(frozen=True)
@@ -43,14 +43,10 @@ def tokenize_responses(
     encode = lambda texts: tokenizer(texts, add_special_tokens=False)["input_ids"]  # noqa: E731
     prompts = encode([it.prompt for it in items])
     responses = encode([it.response for it in items])
-    bos = tokenizer.bos_token_id if _adds_bos(tokenizer) else None
-    eos = tokenizer.eos_token_id
+    special = SpecialTokens(tokenizer)
     out = []
     for item, prompt, response in zip(items, prompts, responses):
-        if bos is not None and not item.templated and (not prompt or prompt[0] != bos):
-            prompt = [bos, *prompt]
-        if eos is not None and not (response and response[-1] == eos):
-            response = [*response, eos]
+        prompt, response = special.prompt(prompt, item.templated), special.completion(response)
         if max_prompt_length is not None and len(prompt) > max_prompt_length:
             prompt = prompt[-max_prompt_length:]
             stats.prompt_truncated += 1

@@ -40,6 +40,25 @@ class TokenizeStats:
                 "dropped": dict(self.dropped)}
 
 
+class SpecialTokens:
+    """BOS before a prompt (when the tokenizer adds one itself and the prompt lacks it) and EOS after
+    a completion: the one rule shared by pair and single-response tokenization."""
+
+    def __init__(self, tokenizer):
+        self.bos = tokenizer.bos_token_id if _adds_bos(tokenizer) else None
+        self.eos = tokenizer.eos_token_id
+
+    def prompt(self, ids: list[int], templated: bool) -> list[int]:
+        if self.bos is not None and not templated and (not ids or ids[0] != self.bos):
+            return [self.bos, *ids]
+        return ids
+
+    def completion(self, ids: list[int]) -> list[int]:
+        if self.eos is not None and not (ids and ids[-1] == self.eos):
+            return [*ids, self.eos]
+        return ids
+
+
 def _adds_bos(tokenizer) -> bool:
     bos = tokenizer.bos_token_id
     if bos is None:
@@ -62,15 +81,11 @@ def tokenize_pairs(
     prompts = encode([p.prompt for p in pairs])
     chosens = encode([p.chosen for p in pairs])
     rejecteds = encode([p.rejected for p in pairs])
-    bos = tokenizer.bos_token_id if _adds_bos(tokenizer) else None
-    eos = tokenizer.eos_token_id
+    special = SpecialTokens(tokenizer)
     out = []
     for i, (pair, prompt, chosen, rejected) in enumerate(zip(pairs, prompts, chosens, rejecteds)):
-        if bos is not None and not pair.templated and (not prompt or prompt[0] != bos):
-            prompt = [bos, *prompt]
-        if eos is not None:
-            chosen = chosen if chosen and chosen[-1] == eos else [*chosen, eos]
-            rejected = rejected if rejected and rejected[-1] == eos else [*rejected, eos]
+        prompt = special.prompt(prompt, pair.templated)
+        chosen, rejected = special.completion(chosen), special.completion(rejected)
         if max_prompt_length is not None and len(prompt) > max_prompt_length:
             prompt = prompt[-max_prompt_length:]
             stats.prompt_truncated += 1
