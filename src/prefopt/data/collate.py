@@ -53,18 +53,25 @@ class PaddedPairCollator:
                 positions.append(t - 1)  # the logits at t-1 predict token t
                 tokens.append(seq[t])
                 responses.append(2 * pair_index + is_rejected)
-        score_chosen, score_rejected = _scores(pairs)
-        batch = {
-            "input_ids": input_ids,
-            "attention_mask": attention_mask,
-            "target_rows": torch.tensor(rows, dtype=torch.long),
-            "target_positions": torch.tensor(positions, dtype=torch.long),
-            "target_tokens": torch.tensor(tokens, dtype=torch.long),
-            "target_response": torch.tensor(responses, dtype=torch.long),
-            "num_pairs": torch.tensor(n_pairs),
-            "num_tokens": attention_mask.sum(),
-            "pair_index": torch.tensor([p.index for p in pairs], dtype=torch.long),
-        }
-        if score_chosen is not None:
-            batch["score_chosen"], batch["score_rejected"] = score_chosen, score_rejected
-        return batch
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+        return target_batch(pairs, inputs, (rows, positions, tokens, responses), attention_mask.sum())
+
+
+def target_batch(pairs: list[TokenizedPair], inputs: dict[str, torch.Tensor], targets, num_tokens) -> dict:
+    """The batch every layout hands to ``response_logps``: model ``inputs``, the flat ``targets``
+    ``(rows, positions, tokens, responses)`` as lists, and the pairs' indices and scores."""
+    rows, positions, tokens, responses = targets
+    batch = {
+        **inputs,
+        "target_rows": torch.tensor(rows, dtype=torch.long),
+        "target_positions": torch.tensor(positions, dtype=torch.long),
+        "target_tokens": torch.tensor(tokens, dtype=torch.long),
+        "target_response": torch.tensor(responses, dtype=torch.long),
+        "num_pairs": torch.tensor(len(pairs)),
+        "num_tokens": num_tokens,
+        "pair_index": torch.tensor([p.index for p in pairs], dtype=torch.long),
+    }
+    score_chosen, score_rejected = _scores(pairs)
+    if score_chosen is not None:
+        batch["score_chosen"], batch["score_rejected"] = score_chosen, score_rejected
+    return batch

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from prefopt.data.collate import _scores
+from prefopt.data.collate import target_batch
 from prefopt.data.tokenize import TokenizedPair
 
 PROMPT, CHOSEN, REJECTED, PAD = 0, 1, 2, 3
@@ -66,22 +66,8 @@ def shared_prefix_batch(rows: list[list[int]], pairs: list[TokenizedPair], pad_t
                 t_resp.append(2 * j + 1)
             at += n
     attention_mask = segment_attention_mask(segment, branch)
-    score_chosen, score_rejected = _scores(pairs)
-    batch = {
-        "input_ids": input_ids,
-        "attention_mask": attention_mask,
-        "position_ids": position_ids,
-        "target_rows": torch.tensor(t_rows, dtype=torch.long),
-        "target_positions": torch.tensor(t_pos, dtype=torch.long),
-        "target_tokens": torch.tensor(t_tok, dtype=torch.long),
-        "target_response": torch.tensor(t_resp, dtype=torch.long),
-        "num_pairs": torch.tensor(len(pairs)),
-        "num_tokens": (segment >= 0).sum(),
-        "pair_index": torch.tensor([p.index for p in pairs], dtype=torch.long),
-    }
-    if score_chosen is not None:
-        batch["score_chosen"], batch["score_rejected"] = score_chosen, score_rejected
-    return batch
+    inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
+    return target_batch(pairs, inputs, (t_rows, t_pos, t_tok, t_resp), (segment >= 0).sum())
 
 
 def segment_attention_mask(segment: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
