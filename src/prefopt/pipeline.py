@@ -84,6 +84,47 @@ def summary_line(role: str, s: dict) -> str:
     return "; ".join(parts)
 
 
+def prepare_train_eval(cfg, tokenizer, data_cfg=None) -> tuple[list[TokenizedPair], list[TokenizedPair] | None, dict]:
+    """The training pairs, the eval pairs (or None) and their summaries; ``data_cfg`` (default
+    ``cfg``) decides the data rules, ``cfg`` where the data is."""
+    data_cfg = data_cfg or cfg
+    train_pairs, train_summary = prepare_dataset(data_cfg, cfg.dataset, cfg.dataset_split, tokenizer)
+    summaries = {"train": train_summary}
+    eval_pairs = None
+    if cfg.eval_dataset:
+        eval_pairs, summaries["eval"] = prepare_dataset(data_cfg, cfg.eval_dataset, cfg.eval_dataset_split,
+                                                        tokenizer)
+    return train_pairs, eval_pairs, summaries
+
+
+def print_summaries(summaries: dict, accelerator) -> None:
+    if accelerator.is_main_process:
+        for role, s in summaries.items():
+            print(f"prefopt: {summary_line(role, s)}", file=sys.stderr)
+
+
+def start_output_dir(cfg, plan, summaries: dict, accelerator) -> Path:
+    """Clear an old run if allowed (every input is checked by now), then write the resolved config
+    and the data summary. Main process only."""
+    from prefopt.preflight import prepare_output_dir
+
+    output_dir = Path(cfg.output_dir)
+    if accelerator.is_main_process:
+        prepare_output_dir(cfg, plan)
+        save_config(cfg, output_dir / "config.yaml")
+        (output_dir / "data_summary.json").write_text(json.dumps(summaries, indent=2) + "\n")
+    return output_dir
+
+
+def run_trainer(trainer, plan) -> dict[str, Any]:
+    """Restore the checkpoint the plan names, if any, then train."""
+    if plan.resume_from is not None:
+        from prefopt.checkpoint import restore
+
+        restore(trainer, plan.resume_from)
+    return trainer.train()
+
+
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """``prefopt train``: DPO/ODPO/... on ``cfg``. Returns the last logged metrics."""
     from accelerate.utils import set_seed
@@ -91,7 +132,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     from prefopt.distributed import build_accelerator, build_models, load_dtype
     from prefopt.dpo import PreferenceObjective
     from prefopt.modeling import load_tokenizer
-    from prefopt.preflight import plan_run, prepare_output_dir
+    from prefopt.preflight import plan_run
     from prefopt.train import Trainer
 
     cfg.validate()
@@ -104,14 +145,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     accelerator = build_accelerator(cfg)  # engine, mixed precision, torch.compile (issue 7)
     set_seed(cfg.seed)
     tokenizer = load_tokenizer(cfg.tokenizer_name_or_path or cfg.model_name_or_path)
-    train_pairs, train_summary = prepare_dataset(cfg, cfg.dataset, cfg.dataset_split, tokenizer)
-    summaries = {"train": train_summary}
-    eval_pairs = None
-    if cfg.eval_dataset:
-        eval_pairs, summaries["eval"] = prepare_dataset(cfg, cfg.eval_dataset, cfg.eval_dataset_split, tokenizer)
-    if accelerator.is_main_process:
-        for role, s in summaries.items():
-            print(f"prefopt: {summary_line(role, s)}", file=sys.stderr)
+    train_pairs, eval_pairs, summaries = prepare_train_eval(cfg, tokenizer)
+    print_summaries(summaries, accelerator)
 
     # Policy (+ LoRA adapter) and the reference callable, placed for the running engine. A
     # precomputed reference (issue 6) replaces the live one: no second model is loaded for it.
@@ -124,11 +159,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
         reference, eval_pairs = cached_reference(cfg, policy, train_pairs, eval_pairs, collator, accelerator)
 
-    output_dir = Path(cfg.output_dir)
-    if accelerator.is_main_process:
-        prepare_output_dir(cfg, plan)  # every input is checked by now: only now may an old run go
-        save_config(cfg, output_dir / "config.yaml")
-        (output_dir / "data_summary.json").write_text(json.dumps(summaries, indent=2) + "\n")
+    output_dir = start_output_dir(cfg, plan, summaries, accelerator)
 
     def save_model(model, directory: Path, **kwargs) -> None:
         model.save_pretrained(directory, **kwargs)  # a PEFT model writes only its adapter
@@ -144,11 +175,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         save_model=save_model,
         accelerator=accelerator,
     )
-    if plan.resume_from is not None:
-        from prefopt.checkpoint import restore
-
-        restore(trainer, plan.resume_from)
-    final = trainer.train()
+    final = run_trainer(trainer, plan)
     if cfg.use_peft and cfg.merge_adapter_on_save:
         from prefopt.peft_support import merge_adapter
 

@@ -14,7 +14,6 @@ collator (two plain sequences per pair) and the objective (the BT loss) are new.
 from __future__ import annotations
 
 import dataclasses
-import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -214,16 +213,15 @@ def train_reward_model(cfg) -> dict[str, Any]:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
-    from prefopt.config import save_config
     from prefopt.errors import ConfigError
     from prefopt.modeling import load_tokenizer
-    from prefopt.pipeline import prepare_dataset, summary_line
+    from prefopt.pipeline import prepare_train_eval, print_summaries, run_trainer, start_output_dir
     from prefopt.train import Trainer
 
     cfg.validate()
     if cfg.margin_scale < 0:
         raise ConfigError(f"margin_scale must be >= 0, got {cfg.margin_scale}")
-    from prefopt.preflight import plan_run, prepare_output_dir
+    from prefopt.preflight import plan_run
 
     plan = plan_run(cfg)  # output_dir rule, model paths, checkpoint to resume: before anything is read
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
@@ -231,30 +229,20 @@ def train_reward_model(cfg) -> dict[str, Any]:
     tokenizer = load_tokenizer(cfg.tokenizer_name_or_path or cfg.model_name_or_path)
     # ODPO's score policy does not apply: a reward model learns from every labelled pair.
     data_cfg = dataclasses.replace(cfg, loss_type="dpo")
-    train_pairs, train_summary = prepare_dataset(data_cfg, cfg.dataset, cfg.dataset_split, tokenizer)
-    summaries = {"train": train_summary}
-    eval_pairs = None
-    if cfg.eval_dataset:
-        eval_pairs, summaries["eval"] = prepare_dataset(data_cfg, cfg.eval_dataset, cfg.eval_dataset_split,
-                                                        tokenizer)
+    train_pairs, eval_pairs, summaries = prepare_train_eval(cfg, tokenizer, data_cfg)
     negative = check_margin_scores(train_pairs, cfg, cfg.dataset)
     if eval_pairs is not None:
         check_margin_scores(eval_pairs, cfg, cfg.eval_dataset)
+    print_summaries(summaries, accelerator)
     if accelerator.is_main_process:
-        for role, s in summaries.items():
-            print(f"prefopt: {summary_line(role, s)}", file=sys.stderr)
         if negative:
             print(f"prefopt: train: {negative} pairs have score_chosen < score_rejected; their margin is 0",
                   file=sys.stderr)
 
     model = load_reward_model(cfg.model_name_or_path, pad_token_id=tokenizer.pad_token_id,
                               disable_dropout_=cfg.disable_dropout)
-    output_dir = Path(cfg.output_dir)
-    if accelerator.is_main_process:
-        prepare_output_dir(cfg, plan)  # every input is checked by now: only now may an old run go
-        save_config(cfg, output_dir / "config.yaml")
-        summaries["margin_clamped_to_zero"] = negative
-        (output_dir / "data_summary.json").write_text(json.dumps(summaries, indent=2) + "\n")
+    summaries["margin_clamped_to_zero"] = negative
+    start_output_dir(cfg, plan, summaries, accelerator)
 
     def save_model(wrapper: ScalarRewardModel, directory: Path) -> None:
         wrapper.hf.save_pretrained(directory)
@@ -270,11 +258,7 @@ def train_reward_model(cfg) -> dict[str, Any]:
         save_model=save_model,
         accelerator=accelerator,
     )
-    if plan.resume_from is not None:
-        from prefopt.checkpoint import restore
-
-        restore(trainer, plan.resume_from)
-    return trainer.train()
+    return run_trainer(trainer, plan)
 
 
 # ----------------------------------------------------------------------------------------------
