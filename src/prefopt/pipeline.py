@@ -46,7 +46,7 @@ def apply_score_policy(pairs: list[PreferencePair], cfg) -> tuple[list[Preferenc
     return kept, affected
 
 
-def prepare_dataset(cfg, spec: str, split: str, tokenizer, *, role: str = "train") -> tuple[list[TokenizedPair], dict]:
+def prepare_dataset(cfg, spec: str, split: str, tokenizer) -> tuple[list[TokenizedPair], dict]:
     """Read, validate, convert and tokenize one dataset; return the pairs and a summary."""
     pairs, load_stats = load_pairs(
         spec, split=split, fmt=cfg.dataset_format, columns=Columns.from_config(cfg), tokenizer=tokenizer

@@ -35,7 +35,7 @@ def validate_datasets(cfg) -> dict[str, dict[str, Any]]:
         if not spec:
             continue
         if tokenizer is not None:
-            summaries[role] = prepare_dataset(cfg, spec, split, tokenizer, role=role)[1]
+            summaries[role] = prepare_dataset(cfg, spec, split, tokenizer)[1]
             continue
         pairs, stats = load_pairs(spec, split=split, fmt=cfg.dataset_format, columns=Columns.from_config(cfg))
         pairs, nonpositive = apply_score_policy(pairs, cfg)
