@@ -31,7 +31,11 @@ def response_logps(model, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
 
     # Logits only at the completion positions (full logits where that is not exact), and the
     # layouts' 4D masks converted for the model's attention implementation.
-    per_token = target_token_logps(model, batch)  # [T]
+    return sum_per_response(target_token_logps(model, batch), batch)
+
+
+def sum_per_response(per_token: Tensor, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+    """Per-token log-probs ``[T]`` -> per-response sums and token counts ``[2B]``."""
     n_responses = 2 * int(batch["num_pairs"])
     index = batch["target_response"]
     sums = torch.zeros(n_responses, dtype=per_token.dtype, device=per_token.device).index_add(0, index, per_token)
@@ -41,15 +45,19 @@ def response_logps(model, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
     return sums, counts
 
 
-def pair_logps(model, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-    """``chosen_logps``, ``rejected_logps`` ``[B]`` and their token counts, in one forward pass."""
-    sums, counts = response_logps(model, batch)
+def split_pairs(sums: Tensor, counts: Tensor) -> dict[str, Tensor]:
+    """Interleaved per-response values ``[2B]`` -> ``chosen_*`` / ``rejected_*`` ``[B]``."""
     return {
         "chosen_logps": sums[0::2],
         "rejected_logps": sums[1::2],
         "chosen_tokens": counts[0::2],
         "rejected_tokens": counts[1::2],
     }
+
+
+def pair_logps(model, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    """``chosen_logps``, ``rejected_logps`` ``[B]`` and their token counts, in one forward pass."""
+    return split_pairs(*response_logps(model, batch))
 
 
 # --- per-token log-probs for the per-token loss options (issue 9) ---
@@ -98,17 +106,10 @@ def pair_token_logps(model, batch: dict[str, Tensor], *, log_sum_sq: bool = Fals
     logits = model(**attention_inputs(model, batch), use_cache=False).logits  # [R, L, V]
     selected = logits[batch["target_rows"], batch["target_positions"]]  # [T, V]
     per_token = token_logps(selected, batch["target_tokens"])
-    n_responses = 2 * int(batch["num_pairs"])
+    sums, counts = sum_per_response(per_token, batch)
     index = batch["target_response"]
-    sums = torch.zeros(n_responses, dtype=per_token.dtype, device=per_token.device).index_add(0, index, per_token)
-    counts = torch.zeros(n_responses, dtype=torch.long, device=index.device).index_add(
-        0, index, torch.ones_like(index)
-    )
     out = {
-        "chosen_logps": sums[0::2],
-        "rejected_logps": sums[1::2],
-        "chosen_tokens": counts[0::2],
-        "rejected_tokens": counts[1::2],
+        **split_pairs(sums, counts),
         "token_logps": per_token,
         "token_response": index,
         "token_rank": rank_within_response(index, batch["target_positions"], logits.shape[1]),
