@@ -10,8 +10,10 @@ clipping 1.0), precision (float32), no dropout, no gradient checkpointing, no ch
 and runs in a fresh subprocess so its peak RSS is its own. Runs of the systems alternate, repeats
 rotate the order, and the table reports the median of the repeats.
 
-The time of a run is steady-state training time: the optimizer steps after the first one (which
-pays for lazy initialisation) scaled to all pairs, plus the whole reference precompute pass where a
+The time of a run is steady-state training time: the optimizer steps after the first
+``--warmup_steps`` (2: the first step pays for lazy initialisation such as the optimizer state, the
+second for the first touch of the memory that the grown footprint needs, which on a virtual machine
+costs a host page fault per page) scaled to all pairs, plus the whole reference precompute pass where a
 system has one. Process start, imports, tokenization and model loading are left out for both sides
 (they are the same few seconds whatever the data size, and on a tiny benchmark would hide the work).
 
@@ -170,8 +172,8 @@ class Clock:
 
         return wrapper
 
-    def result(self) -> dict:
-        ends = self.step_ends
+    def result(self, warmup_steps: int) -> dict:
+        ends = self.step_ends[warmup_steps - 1:]
         return {"total_seconds": time.perf_counter() - self.start, "precompute_seconds": self.precompute,
                 "steady_seconds": ends[-1] - ends[0], "steady_steps": len(ends) - 1}
 
@@ -203,7 +205,7 @@ def run_prefopt(spec: dict) -> dict:
     )
     cfg.report_to = "none"
     pipeline.train(cfg)
-    return clock.result()
+    return clock.result(spec.get("warmup_steps", 1))
 
 
 def run_trl(spec: dict) -> dict:
@@ -229,16 +231,44 @@ def run_trl(spec: dict) -> dict:
     trainer = DPOTrainer(model=spec["model"], args=args, train_dataset=Dataset.from_list(rows),
                          processing_class=AutoTokenizer.from_pretrained(spec["model"]), callbacks=[StepClock()])
     trainer.train()
-    return clock.result()
+    return clock.result(spec.get("warmup_steps", 1))
+
+
+def in_child(spec: dict) -> dict:
+    """Run ``child(spec)`` in a fresh process and return its result."""
+    proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True,
+                          env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+    if proc.returncode != 0 or line is None:
+        print(proc.stdout[-2000:], proc.stderr[-4000:], file=sys.stderr)
+        raise SystemExit(f"child process failed: {spec}")
+    return json.loads(line[len("RESULT "):])
+
+
+def setup_inputs(spec: dict) -> dict:
+    """The tokenizer, one preference set per shape and one model per hidden size, under ``work``."""
+    work = Path(spec["work"])
+    tok = build_tokenizer(work / "tokenizer")
+    words = single_token_words(tok)
+    data = {s: build_data(work / f"{s}.jsonl", words, spec["n_pairs"], *SHAPES[s], seed=1) for s in spec["shapes"]}
+    models = {h: build_model(work / f"gpt2-h{h}", h, spec["layers"], work / "tokenizer") for h in spec["hiddens"]}
+    return {"data": {s: str(p) for s, p in data.items()}, "models": {h: str(p) for h, p in models.items()},
+            "lengths": {s: token_lengths(data[s], work / "tokenizer") for s in spec["shapes"]}}
 
 
 def child(spec: dict) -> None:
+    task = spec.get("task", "train")
+    if task == "setup":
+        print("RESULT " + json.dumps(setup_inputs(spec)), flush=True)
+        return
+    if task == "peak":
+        print("RESULT " + json.dumps({"peak": matmul_peak(matmul_shapes(spec["hiddens"]))}), flush=True)
+        return
     import torch
 
     torch.manual_seed(0)
     result = (run_trl if spec["system"].startswith("trl") else run_prefopt)(spec)
-    # Steady state: the steps after the first (which pays for lazy initialisation), plus the
-    # reference precompute pass amortised over the pairs it scored.
+    # Steady state: the steps after the warm-up ones, plus the reference precompute pass.
     n_pairs = spec["batch_size"] * spec["steps"]
     per_pair = result["steady_seconds"] / (result["steady_steps"] * spec["batch_size"])
     result["seconds"] = n_pairs * per_pair + result["precompute_seconds"]
@@ -299,7 +329,8 @@ def main() -> None:
     parser.add_argument("--hidden", default="768,256")
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--batch_size", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=3, help="Optimizer steps per run (the first is not timed).")
+    parser.add_argument("--steps", type=int, default=5, help="Optimizer steps per run.")
+    parser.add_argument("--warmup_steps", type=int, default=2, help="Steps at the start of a run that are not timed.")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--systems", default=",".join(SYSTEMS))
     parser.add_argument("--output", default=str(ROOT / "docs" / "benchmarks.md"))
@@ -314,21 +345,28 @@ def main() -> None:
         report_from_raw(Path(args.from_raw), args)
         return
     if args.quick:
-        args.hidden, args.layers, args.steps, args.repeats, args.batch_size = "256", 2, 3, 1, 2
+        args.hidden, args.layers, args.steps, args.repeats, args.batch_size = "256", 2, 4, 1, 2
         args.shapes = "balanced"
+    if not 1 <= args.warmup_steps < args.steps:
+        parser.error("--warmup_steps must be at least 1 and less than --steps")
     shapes = args.shapes.split(",")
     hiddens = [int(h) for h in args.hidden.split(",")]
     systems = args.systems.split(",")
     n_pairs = args.batch_size * args.steps
 
+    # The parent never imports torch: a waiting parent that has imported it (let alone run parallel
+    # work) slowed every measured run by 10-20% on 2 cores. Inputs and the matmul peak are made in
+    # child processes too.
     work = Path(tempfile.mkdtemp(prefix="prefopt-bench-"))
-    tok = build_tokenizer(work / "tokenizer")
-    words = single_token_words(tok)
-    data = {s: build_data(work / f"{s}.jsonl", words, n_pairs, *SHAPES[s], seed=1) for s in shapes}
-    models = {h: build_model(work / f"gpt2-h{h}", h, args.layers, work / "tokenizer") for h in hiddens}
-    lengths = {s: token_lengths(data[s], work / "tokenizer") for s in shapes}
-    shapes_mm = matmul_shapes(hiddens)
-    peaks = [matmul_peak(shapes_mm)]  # measured again before every repeat and at the end
+    made = in_child({"task": "setup", "work": str(work), "shapes": shapes, "hiddens": hiddens,
+                     "layers": args.layers, "n_pairs": n_pairs})
+    data, lengths = made["data"], made["lengths"]
+    models = {int(h): path for h, path in made["models"].items()}
+
+    def measure_peak() -> float:
+        return in_child({"task": "peak", "hiddens": hiddens})["peak"]
+
+    peaks = [measure_peak()]  # measured again before every repeat and at the end
     print(f"float32 matmul peak: {peaks[-1] / 1e9:.1f} GFLOP/s", flush=True)
     peak = peaks[0]
     raw = open(args.raw, "a", encoding="utf-8") if args.raw else None  # noqa: SIM115
@@ -339,7 +377,7 @@ def main() -> None:
     results: dict[tuple, list[dict]] = {}
     for rep in range(args.repeats):
         if rep:
-            peaks.append(matmul_peak(shapes_mm))
+            peaks.append(measure_peak())
             print(f"float32 matmul peak: {peaks[-1] / 1e9:.1f} GFLOP/s", flush=True)
         order = systems[rep % len(systems):] + systems[: rep % len(systems)]
         for shape in shapes:
@@ -349,15 +387,8 @@ def main() -> None:
                 for system in order:
                     spec = {"system": system, "model": str(models[hidden]), "data": str(data[shape]),
                             "out": str(work / f"run-{system}-{shape}-{hidden}-{rep}"), "batch_size": args.batch_size,
-                            "steps": args.steps, "max_length": max_length}
-                    proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)],
-                                          capture_output=True, text=True,
-                                          env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
-                    line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
-                    if proc.returncode != 0 or line is None:
-                        print(proc.stdout[-2000:], proc.stderr[-4000:], file=sys.stderr)
-                        raise SystemExit(f"run failed: {spec}")
-                    res = json.loads(line[len("RESULT "):])
+                            "steps": args.steps, "warmup_steps": args.warmup_steps, "max_length": max_length}
+                    res = in_child(spec)
                     results.setdefault((shape, hidden, system), []).append(res)
                     if raw:
                         raw.write(json.dumps({"cell": [shape, hidden, system], **res}) + "\n")
@@ -365,7 +396,7 @@ def main() -> None:
                     print(f"[{rep}] {shape:9s} h{hidden:<4d} {system:19s} {res['seconds']:7.2f} s "
                           f"{res['peak_rss_mb']:7.0f} MB", flush=True)
 
-    peaks.append(matmul_peak(shapes_mm))
+    peaks.append(measure_peak())
     print(f"float32 matmul peak: {peaks[-1] / 1e9:.1f} GFLOP/s", flush=True)
     if raw:
         raw.write(json.dumps({"peaks": peaks}) + "\n")
@@ -429,7 +460,8 @@ def render(rows, args, peak, n_pairs, peaks=()) -> str:
 
     cmd = "python benchmarks/bench_dpo.py " + " ".join(
         f"--{k} {v}" for k, v in (("shapes", args.shapes), ("hidden", args.hidden), ("layers", args.layers),
-                                  ("batch_size", args.batch_size), ("steps", args.steps), ("repeats", args.repeats)))
+                                  ("batch_size", args.batch_size), ("steps", args.steps), ("warmup_steps", args.warmup_steps),
+                                  ("repeats", args.repeats)))
     lines = [
         "# Benchmark: prefopt vs TRL DPOTrainer",
         "",
@@ -443,7 +475,8 @@ def render(rows, args, peak, n_pairs, peaks=()) -> str:
         "",
         f"Each cell: {n_pairs} pairs ({args.steps} steps of {args.batch_size}), GPT-2 architecture with "
         f"{args.layers} layers and GPT-2's vocabulary (50257), random weights, float32, AdamW, median of "
-        f"{args.repeats} runs each in a fresh process (systems alternate). Time = steady-state optimizer steps "
+        f"{args.repeats} runs each in a fresh process (systems alternate). Time = the optimizer steps after the "
+        f"first {args.warmup_steps} "
         "scaled to all pairs, plus the reference precompute pass; setup excluded (see the script's docstring). "
         "tokens/s counts every pair's prompt + chosen + rejected tokens once, whatever the layout.",
         "",

@@ -163,13 +163,14 @@ def test_selective_head_equals_full_logits_with_gradients():
         torch.testing.assert_close(out[True][1][name], g, **TOL)
 
 
-def test_chunked_head_gradcheck_with_bias():
+@pytest.mark.parametrize("keep_last", [False, True])
+def test_chunked_head_gradcheck_with_bias(keep_last):
     torch.manual_seed(0)
     h = torch.randn(7, 4, dtype=torch.float64, requires_grad=True)
     w = torch.randn(11, 4, dtype=torch.float64, requires_grad=True)
     b = torch.randn(11, dtype=torch.float64, requires_grad=True)
     tokens = torch.randint(0, 11, (7,))
-    got = ChunkedHeadLogps.apply(h, w, b, tokens, 3)
+    got = ChunkedHeadLogps.apply(h, w, b, tokens, 3, keep_last)
     want = torch.log_softmax(h @ w.T + b, -1).gather(-1, tokens[:, None]).squeeze(-1)
     torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-6)
     # forward output is float32, so check gradients against autograd of the direct formula instead

@@ -29,22 +29,54 @@ def test_head_chunk_size_bounds_the_logits_block():
     assert head_chunk_size(11) * 11 <= 1 << 24
 
 
-@pytest.mark.parametrize("n_tokens", [0, 1, 7])
-def test_chunked_head_gradients_with_and_without_targets(n_tokens):
+@pytest.mark.parametrize("keep_last", [False, True])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])  # float32: the reused logits buffer
+@pytest.mark.parametrize("n_tokens", [0, 1, 6, 7])  # chunks of 2: none, one partial, 3 full, 3 + partial
+def test_chunked_head_gradients_with_and_without_targets(n_tokens, dtype, bias, keep_last):
     torch.manual_seed(1)
-    h = torch.randn(n_tokens, 4, dtype=torch.float64, requires_grad=True)
-    w = torch.randn(11, 4, dtype=torch.float64, requires_grad=True)
-    b = torch.randn(11, dtype=torch.float64, requires_grad=True)
+    h = torch.randn(n_tokens, 4, dtype=dtype, requires_grad=True)
+    w = torch.randn(11, 4, dtype=dtype, requires_grad=True)
+    b = torch.randn(11, dtype=dtype, requires_grad=True) if bias else None
     tokens = torch.randint(0, 11, (n_tokens,))
-    got = ChunkedHeadLogps.apply(h, w, b, tokens, 2)
-    want = torch.log_softmax(h @ w.T + b, -1).gather(-1, tokens[:, None]).squeeze(-1)
+    got = ChunkedHeadLogps.apply(h, w, b, tokens, 2, keep_last)
+    logits = h.double() @ w.double().T + (b.double() if bias else 0)
+    want = torch.log_softmax(logits, -1).gather(-1, tokens[:, None]).squeeze(-1)
+    tol = {"rtol": 1e-6, "atol": 1e-6} if dtype == torch.float64 else {"rtol": 1e-5, "atol": 1e-5}
+    torch.testing.assert_close(got.double(), want, **tol)
     g = torch.randn(n_tokens, dtype=torch.float64)
-    grads = torch.autograd.grad((got * g).sum() + 0 * w.sum() + 0 * b.sum(), (h, w, b))
-    want_grads = torch.autograd.grad((want * g).sum() + 0 * w.sum() + 0 * b.sum(), (h, w, b))
+    params = (h, w, b) if bias else (h, w)
+    def extra():  # so every parameter gets a gradient, also with no targets
+        return sum(0 * p.sum() for p in params[1:])
+
+    grads = torch.autograd.grad((got.double() * g).sum() + extra(), params)
+    want_grads = torch.autograd.grad((want * g).sum() + extra(), params)
     for a, e in zip(grads, want_grads):
-        torch.testing.assert_close(a, e, rtol=1e-6, atol=1e-6)
+        assert a.dtype == dtype
+        torch.testing.assert_close(a.double(), e.double(), **tol)
     if n_tokens == 0:
-        assert not grads[1].any() and not grads[2].any()
+        assert not any(x.any() for x in grads[1:])
+
+
+PRODUCTS = ("aten::mm", "aten::addmm", "aten::addmm_")
+
+
+def test_chunked_head_keeps_the_last_chunk_only_when_asked():
+    """keep_last: the forward leaves the last chunk's softmax for the backward, which then
+    recomputes one chunk fewer (counted through the product it runs)."""
+    torch.manual_seed(2)
+    h = torch.randn(7, 4, requires_grad=True)
+    w = torch.randn(11, 4, requires_grad=True)
+    tokens = torch.randint(0, 11, (7,))
+    products = {}
+    for keep_last in (False, True):
+        out = ChunkedHeadLogps.apply(h, w, None, tokens, 3, keep_last)
+        with torch.profiler.profile() as prof:
+            out.sum().backward()
+        products[keep_last] = sum(e.count for e in prof.key_averages() if e.key in PRODUCTS)
+    # 3 chunks; per chunk grad_h and grad_w products (2), plus the recomputation of the logits.
+    assert products[False] == 3 * 3
+    assert products[True] == 3 * 3 - 1
 
 
 def test_fused_adamw_is_used_on_cpu_and_matches_the_loop():

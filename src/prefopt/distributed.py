@@ -222,19 +222,24 @@ def build_models(cfg, accelerator, *, live_reference: bool = True):
     quant = quantization_config(cfg) if cfg.use_peft else None
     if quant is not None:
         extra = {"quantization_config": quant, "device_map": {"": accelerator.local_process_index}}
-    policy = load_causal_lm(cfg.model_name_or_path, disable_dropout_=cfg.disable_dropout, dtype=dtype, **extra)
+
+    def load(name_or_path: str, **kwargs):
+        return load_causal_lm(name_or_path, disable_dropout_=cfg.disable_dropout, dtype=dtype,
+                              fused_activations=cfg.fused_activations, **kwargs)
+
+    policy = load(cfg.model_name_or_path, **extra)
     needs_reference = live_reference and loss_needs_reference(cfg.loss_type, cfg.reference_free)
     if not needs_reference:
         reference = None  # reference-free losses (SimPO and the like) or a precomputed reference
     elif cfg.ref_model_name_or_path:
-        ref_model = load_causal_lm(cfg.ref_model_name_or_path, disable_dropout_=cfg.disable_dropout, dtype=dtype)
+        ref_model = load(cfg.ref_model_name_or_path)
         reference = LiveReference(prepare_reference(ref_model, accelerator))
     elif cfg.use_peft:
         reference = None  # set below, once the adapter exists
     elif engine_of(accelerator) == "deepspeed":
         # A deepcopy of a DeepSpeed-loaded policy shares its ZeRO bookkeeping (under ZeRO-3 the
         # reference forward then finds `NOT_AVAILABLE` parameters): load a second copy instead.
-        ref_model = load_causal_lm(cfg.model_name_or_path, disable_dropout_=cfg.disable_dropout, dtype=dtype)
+        ref_model = load(cfg.model_name_or_path)
         reference = LiveReference(prepare_reference(ref_model, accelerator))
     else:
         reference = LiveReference(prepare_reference(frozen_copy(policy), accelerator))

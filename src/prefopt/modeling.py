@@ -49,8 +49,11 @@ def disable_dropout(model: torch.nn.Module) -> None:
 
 
 def load_causal_lm(name_or_path: str, *, disable_dropout_: bool = True, dtype: torch.dtype | None = None,
-                   **from_pretrained_kwargs):
+                   fused_activations: bool = True, **from_pretrained_kwargs):
+    """The causal LM at ``name_or_path``; dropout off and activations fused (fused.py) by default."""
     from transformers import AutoModelForCausalLM
+
+    from prefopt.fused import fuse_activations
 
     if _looks_local(name_or_path) and not Path(name_or_path).expanduser().exists():
         raise PrefoptError(f"model path not found: {name_or_path}")
@@ -64,6 +67,8 @@ def load_causal_lm(name_or_path: str, *, disable_dropout_: bool = True, dtype: t
         raise PrefoptError(f"cannot load a causal LM from {name_or_path!r}: {_first_line(e)}") from None
     if disable_dropout_:
         disable_dropout(model)
+    if fused_activations:
+        fuse_activations(model)
     return model
 
 

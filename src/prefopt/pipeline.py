@@ -234,7 +234,7 @@ def logps(cfg: TrainConfig, output: str, batch_size: int = 8) -> int:
     tokenizer = load_tokenizer(cfg.tokenizer_name_or_path or cfg.model_name_or_path)
     pairs, summary = prepare_dataset(cfg, cfg.dataset, cfg.dataset_split, tokenizer)
     print(f"prefopt: {summary_line('logps', summary)}", file=sys.stderr)
-    model = load_causal_lm(cfg.model_name_or_path, disable_dropout_=True)
+    model = load_causal_lm(cfg.model_name_or_path, disable_dropout_=True, fused_activations=cfg.fused_activations)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
     collator = make_collator(choose_layout(cfg.layout, pairs, batch_size, model, cfg.pack_row_tokens),

@@ -87,11 +87,13 @@ class ScalarRewardModel(torch.nn.Module):
         return self.hf.score(picked).squeeze(-1).float()  # only N rows go through the head
 
 
-def load_reward_model(name_or_path: str, *, pad_token_id: int | None, disable_dropout_: bool = True) -> ScalarRewardModel:
+def load_reward_model(name_or_path: str, *, pad_token_id: int | None, disable_dropout_: bool = True,
+                      fused_activations: bool = True) -> ScalarRewardModel:
     """A causal LM checkpoint (new scalar head, initialised by ``transformers``) or a trained reward
     model, as ``AutoModelForSequenceClassification`` with one output."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
+    from prefopt.fused import fuse_activations
     from prefopt.modeling import _first_line, _looks_local, disable_dropout, dropout_free_config
 
     if _looks_local(name_or_path) and not Path(name_or_path).expanduser().exists():
@@ -112,6 +114,8 @@ def load_reward_model(name_or_path: str, *, pad_token_id: int | None, disable_dr
         raise PrefoptError(f"cannot load a reward model from {name_or_path!r}: {_first_line(e)}") from None
     if disable_dropout_:
         disable_dropout(model)
+    if fused_activations:
+        fuse_activations(model)
     return ScalarRewardModel(model)
 
 
@@ -240,7 +244,7 @@ def train_reward_model(cfg) -> dict[str, Any]:
                   file=sys.stderr)
 
     model = load_reward_model(cfg.model_name_or_path, pad_token_id=tokenizer.pad_token_id,
-                              disable_dropout_=cfg.disable_dropout)
+                              disable_dropout_=cfg.disable_dropout, fused_activations=cfg.fused_activations)
     summaries["margin_clamped_to_zero"] = negative
     start_output_dir(cfg, plan, summaries, accelerator)
 

@@ -7,8 +7,9 @@ of the activation memory. ``target_token_logps`` runs ``body -> hidden[targets] 
 architectures where the head is exactly one ``nn.Linear`` on the last hidden state, and falls back
 to full logits elsewhere (logit soft-capping, logit scaling, wrapped models such as DDP or PEFT).
 
-The head's backward recomputes each chunk's logits instead of keeping them (``ChunkedHeadLogps``):
-one extra ``2·T·H·V`` matmul buys a peak of one ``[chunk, V]`` block instead of ``[T, V]``.
+The head's backward recomputes each chunk's logits but the last instead of keeping them
+(``ChunkedHeadLogps``): one extra ``2·H·V`` per token of the other chunks buys a peak of one
+``[chunk, V]`` block instead of ``[T, V]``.
 
 This module also turns the layouts' boolean 4D attention masks into what the model's attention
 implementation takes: SDPA takes the bool mask itself, eager attention adds a float mask, and
@@ -63,38 +64,52 @@ def _is_fsdp(model: torch.nn.Module) -> bool:
 class ChunkedHeadLogps(torch.autograd.Function):
     """``log_softmax(hidden @ W.T + b)[tokens]`` per row, ``[T]`` float32, chunk by chunk.
 
-    Backward recomputes each chunk's logits: ``d logp_t / d z = onehot(token_t) - softmax(z_t)``.
+    ``d logp_t / d z = onehot(token_t) - softmax(z_t)``. The chunks' logits are written into one
+    reused ``[chunk, V]`` buffer. The backward recomputes the logits of every chunk but the last:
+    the forward turns the last chunk's logits into its softmax in that buffer and keeps it, since
+    the backward needs one such buffer anyway (a batch whose targets fit in one chunk, e.g. 333
+    tokens at GPT-2's vocabulary, has nothing to recompute).
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, tokens, chunk_size):
-        out = hidden.new_empty(hidden.shape[0], dtype=torch.float32)
-        lse = hidden.new_empty(hidden.shape[0], dtype=torch.float32)
-        for s in range(0, hidden.shape[0], chunk_size):
-            logits = F.linear(hidden[s : s + chunk_size], weight, bias).float()
+    def forward(ctx, hidden, weight, bias, tokens, chunk_size, keep_last):
+        n = hidden.shape[0]
+        out = hidden.new_empty(n, dtype=torch.float32)
+        lse = hidden.new_empty(n, dtype=torch.float32)
+        buffer = _logits_buffer(hidden, weight, chunk_size)
+        kept = None
+        for s in range(0, n, chunk_size):
+            logits = _chunk_logits(hidden[s : s + chunk_size], weight, bias, buffer)
             picked = logits.gather(-1, tokens[s : s + chunk_size, None]).squeeze(-1)
-            lse[s : s + chunk_size] = _logsumexp_(logits)
+            sums, shift = _exp_shifted_(logits)  # logits := exp(z - shift)
+            lse[s : s + chunk_size] = sums.log().add_(shift)
             out[s : s + chunk_size] = picked - lse[s : s + chunk_size]
+            if keep_last and s + chunk_size >= n:
+                kept = logits.div_(sums[:, None])  # the softmax of the last chunk
         ctx.save_for_backward(hidden, weight, bias, tokens, lse)
-        ctx.chunk_size = chunk_size
+        ctx.chunk_size, ctx.kept, ctx.buffer = chunk_size, kept, buffer
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         hidden, weight, bias, tokens, lse = ctx.saved_tensors
-        chunk_size = ctx.chunk_size
+        chunk_size, kept, buffer = ctx.chunk_size, ctx.kept, ctx.buffer
+        ctx.kept = ctx.buffer = None
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         grad_h = torch.empty_like(hidden) if need_h else None
         need_b = need_b and bias is not None
         grad_w = grad_b = None  # allocated by the first chunk's product (no [V, H] zero fill)
-        for s in range(0, hidden.shape[0], chunk_size):
+        starts = list(range(0, hidden.shape[0], chunk_size))
+        for s in reversed(starts):  # the last chunk first: its softmax is kept in the buffer
             h = hidden[s : s + chunk_size]
             go = grad_out[s : s + chunk_size, None]
-            # g = (onehot(token) - softmax(z)) * grad, built in the logits buffer itself (one
-            # [chunk, V] block), with the softmax from the forward's saved logsumexp.
-            g = F.linear(h, weight, bias).float()
-            g.sub_(lse[s : s + chunk_size, None]).exp_().mul_(-go)
-            g.scatter_add_(-1, tokens[s : s + chunk_size, None], go)
+            # g = (onehot(token) - softmax(z)) * grad, built in the logits buffer itself, with the
+            # softmax from the forward's saved logsumexp where it was not kept.
+            if kept is not None:
+                g, kept = kept, None
+            else:
+                g = _chunk_logits(h, weight, bias, buffer).sub_(lse[s : s + chunk_size, None]).exp_()
+            g.mul_(-go).scatter_add_(-1, tokens[s : s + chunk_size, None], go)
             if grad_h is not None:
                 grad_h[s : s + chunk_size] = (g.to(weight.dtype) @ weight).to(hidden.dtype)
             if need_w:
@@ -107,15 +122,43 @@ class ChunkedHeadLogps(torch.autograd.Function):
             grad_b = torch.zeros_like(bias, dtype=torch.float32)
         grad_w = grad_w.to(weight.dtype) if grad_w is not None else None
         grad_b = grad_b.to(bias.dtype) if grad_b is not None else None
-        return grad_h, grad_w, grad_b, None, None
+        return grad_h, grad_w, grad_b, None, None, None
+
+
+def _logits_buffer(hidden: Tensor, weight: Tensor, chunk_size: int) -> Tensor | None:
+    """One float32 ``[chunk, V]`` block for every chunk's logits, where the product can write into
+    it: float32 operands and no autocast (which would compute the product in half precision)."""
+    if hidden.dtype != torch.float32 or weight.dtype != torch.float32 or hidden.shape[0] == 0:
+        return None
+    if torch.is_autocast_enabled(hidden.device.type):
+        return None
+    return hidden.new_empty(min(chunk_size, hidden.shape[0]), weight.shape[0])
+
+
+def _chunk_logits(h: Tensor, weight: Tensor, bias: Tensor | None, buffer: Tensor | None) -> Tensor:
+    """float32 logits of ``h``, in ``buffer`` when there is one (no fresh ``[chunk, V]`` block)."""
+    if buffer is None:
+        return F.linear(h, weight, bias).float()
+    out = buffer[: h.shape[0]]
+    if bias is None:
+        return torch.mm(h, weight.t(), out=out)
+    return torch.addmm(bias, h, weight.t(), out=out)
+
+
+def _exp_shifted_(logits: Tensor) -> tuple[Tensor, Tensor]:
+    """``logits := exp(logits - shift)`` in place, with ``shift`` the row maximum; returns the row
+    sums and ``shift``, so ``logsumexp = log(sums) + shift`` and ``softmax = logits / sums``.
+    torch's own ``logsumexp``/``softmax`` allocate two more ``[T, V]`` temporaries."""
+    shift = logits.amax(-1)
+    shift.masked_fill_(torch.isinf(shift), 0.0)  # a row of -inf stays -inf instead of NaN
+    sums = logits.sub_(shift[:, None]).exp_().sum(-1)
+    return sums, shift
 
 
 def _logsumexp_(logits: Tensor) -> Tensor:
-    """``logsumexp(logits, -1)`` computed in place (``logits`` is overwritten): torch's own
-    ``logsumexp`` allocates two more ``[T, V]`` temporaries."""
-    m = logits.amax(-1, keepdim=True)
-    m.masked_fill_(torch.isinf(m), 0.0)  # a row of -inf stays -inf instead of NaN
-    return logits.sub_(m).exp_().sum(-1).log_().add_(m.squeeze(-1))
+    """``logsumexp(logits, -1)`` computed in place (``logits`` is overwritten)."""
+    sums, shift = _exp_shifted_(logits)
+    return sums.log_().add_(shift)
 
 
 def head_chunk_size(vocab_size: int, budget: int = 1 << 24) -> int:
@@ -186,4 +229,5 @@ def target_token_logps(model, batch: dict[str, Tensor], chunk_size: int | None =
     body, head = parts
     hidden = body(**inputs, use_cache=False).last_hidden_state  # [R, L, H]
     chunk_size = chunk_size or head_chunk_size(head.weight.shape[0])
-    return ChunkedHeadLogps.apply(hidden[rows, positions], head.weight, head.bias, tokens, chunk_size)
+    keep_last = torch.is_grad_enabled() and (hidden.requires_grad or head.weight.requires_grad)
+    return ChunkedHeadLogps.apply(hidden[rows, positions], head.weight, head.bias, tokens, chunk_size, keep_last)
