@@ -114,3 +114,95 @@ def test_return_freed_memory_sets_glibc_threshold():
 
     ok = return_freed_memory(1 << 20)
     assert ok == (platform.libc_ver()[0] == "glibc")
+
+
+# ------------------------------------------------------------------------------------------------
+# The tied embedding/LM-head weight's gradient accumulated in place (selective.accumulate_tied_grad_in_place)
+
+
+def _tied_gpt2(seed=0):
+    from prefopt.toy import tiny_gpt2_config
+
+    torch.manual_seed(seed)
+    from transformers import GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(tiny_gpt2_config(40, n_embd=32)).eval()  # no dropout: runs comparable
+    assert model.get_input_embeddings().weight is model.get_output_embeddings().weight
+    return model
+
+
+def _batch(seed):
+    g = torch.Generator().manual_seed(seed)
+    rows, length, targets = 2, 9, 7
+    return {"input_ids": torch.randint(4, 40, (rows, length), generator=g),
+            "attention_mask": torch.ones(rows, length, dtype=torch.long),
+            "target_rows": torch.tensor([0, 0, 0, 1, 1, 1, 1]), "target_positions": torch.tensor([2, 3, 4, 1, 5, 6, 7]),
+            "target_tokens": torch.randint(4, 40, (targets,), generator=g)}
+
+
+def test_tied_gradient_in_place_equals_autograd_over_accumulated_backwards():
+    from prefopt.selective import accumulate_tied_grad_in_place, target_token_logps
+
+    plain, fused = _tied_gpt2(), _tied_gpt2()
+    weight = accumulate_tied_grad_in_place(fused)
+    assert weight is fused.get_input_embeddings().weight and fused.get_input_embeddings().sparse
+    assert accumulate_tied_grad_in_place(plain.transformer.wte) is None  # not a whole causal LM
+    for seed in (1, 2):  # two micro-batches: the gradient accumulates
+        for model in (plain, fused):
+            logps = target_token_logps(model, _batch(seed), chunk_size=3)
+            (logps * torch.linspace(-1, 2, len(logps))).sum().backward()
+    assert fused.transformer.wte.weight.grad is weight.grad and not weight.grad.is_sparse
+    for (name, p), q in zip(plain.named_parameters(), fused.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-6, msg=name)
+    assert weight.grad.abs().sum() > 0
+
+
+def test_untied_or_frozen_heads_are_left_alone(tiny_llama):
+    from prefopt.modeling import load_causal_lm
+    from prefopt.selective import accumulate_tied_grad_in_place
+
+    untied = load_causal_lm(str(tiny_llama))
+    assert accumulate_tied_grad_in_place(untied) is None
+    assert not untied.get_input_embeddings().sparse and untied.lm_head.weight.grad is None
+    frozen = _tied_gpt2()
+    frozen.requires_grad_(False)
+    assert accumulate_tied_grad_in_place(frozen) is None
+
+
+def test_training_with_the_in_place_tied_gradient_matches_plain_autograd(tiny_gpt2, easy_data, tmp_path, monkeypatch):
+    """Same losses, gradient norms and final weights over steps with gradient accumulation."""
+    from safetensors.torch import load_file
+
+    from prefopt import pipeline, train
+    from prefopt.config import TrainConfig
+    from prefopt.metrics import read_metrics
+
+    used = []
+    real = train.in_place_grads
+
+    def spy(*args):
+        out = real(*args)
+        used.append(len(out))
+        return out
+
+    def run(out, in_place):
+        monkeypatch.setattr(train, "in_place_grads", spy if in_place else (lambda *a: []))
+        cfg = TrainConfig(model_name_or_path=str(tiny_gpt2), dataset=str(easy_data["train"]), output_dir=str(out),
+                          max_steps=3, logging_steps=1, save_steps=0, learning_rate=1e-2, max_grad_norm=0.5,
+                          per_device_train_batch_size=4, gradient_accumulation_steps=2, progress_bar=False,
+                          report_to="none", max_length=32, max_prompt_length=16)
+        pipeline.train(cfg)
+        return read_metrics(out / "metrics.jsonl"), load_file(out / "model.safetensors")
+
+    plain_rows, plain_w = run(tmp_path / "plain", False)
+    fused_rows, fused_w = run(tmp_path / "fused", True)
+    assert used == [1]
+    for a, b in zip(plain_rows, fused_rows):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-6)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
+    assert plain_w.keys() == fused_w.keys()
+    for name in plain_w:  # Adam turns float-rounding differences of near-zero gradients into ~1e-6 steps;
+        # a gradient that is wrong anywhere moves weights by ~lr = 1e-2
+        torch.testing.assert_close(fused_w[name], plain_w[name], rtol=1e-5, atol=2e-5)
+    initial = load_file(tiny_gpt2 / "model.safetensors")
+    assert not torch.equal(fused_w["transformer.wte.weight"], initial["transformer.wte.weight"])

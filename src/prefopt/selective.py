@@ -99,6 +99,9 @@ class ChunkedHeadLogps(torch.autograd.Function):
         grad_h = torch.empty_like(hidden) if need_h else None
         need_b = need_b and bias is not None
         grad_w = grad_b = None  # allocated by the first chunk's product (no [V, H] zero fill)
+        in_place = need_w and _accumulates_in_place(weight)
+        if in_place:
+            grad_w = weight.grad  # see accumulate_tied_grad_in_place
         starts = list(range(0, hidden.shape[0], chunk_size))
         for s in reversed(starts):  # the last chunk first: its softmax is kept in the buffer
             h = hidden[s : s + chunk_size]
@@ -120,9 +123,45 @@ class ChunkedHeadLogps(torch.autograd.Function):
             grad_w = torch.zeros_like(weight, dtype=torch.float32)
         if need_b and grad_b is None:
             grad_b = torch.zeros_like(bias, dtype=torch.float32)
-        grad_w = grad_w.to(weight.dtype) if grad_w is not None else None
+        grad_w = grad_w.to(weight.dtype) if grad_w is not None and not in_place else None
         grad_b = grad_b.to(bias.dtype) if grad_b is not None else None
         return grad_h, grad_w, grad_b, None, None, None
+
+
+IN_PLACE_GRAD = "_prefopt_grad_in_place"
+
+
+def _accumulates_in_place(weight: Tensor) -> bool:
+    grad = weight.grad
+    return (getattr(weight, IN_PLACE_GRAD, False) and grad is not None and not grad.is_sparse
+            and grad.dtype == torch.float32 and weight.dtype == torch.float32)
+
+
+def accumulate_tied_grad_in_place(model) -> Tensor | None:
+    """For a model whose input embedding is tied to its LM head (GPT-2 and most small models),
+    let the tied weight's gradient accumulate in one persistent buffer instead of three fresh
+    ``[V, H]`` blocks per backward (the head's gradient, the embedding's zero-filled dense gradient,
+    and their sum): the head adds its product straight into ``weight.grad`` and the embedding
+    returns a sparse gradient (only the rows of the batch's tokens) that autograd adds in place.
+    At GPT-2's vocabulary that is 3 x 154 MB of fresh, page-faulting memory per step less.
+
+    Returns the weight, whose ``.grad`` must then be zeroed in place rather than set to None
+    (the trainer does); ``None`` (nothing changed) where the conditions do not hold: a plain
+    float32 ``PreTrainedModel`` whose head ``split_lm_head`` accepts, trainable and tied. The
+    caller makes sure that one process owns the whole model (no DDP, FSDP or DeepSpeed)."""
+    parts = split_lm_head(model)
+    if parts is None:
+        return None
+    head = parts[1]
+    embedding = model.get_input_embeddings()
+    weight = head.weight
+    if (not isinstance(embedding, torch.nn.Embedding) or embedding.weight is not weight
+            or not weight.requires_grad or weight.dtype != torch.float32 or embedding.max_norm is not None):
+        return None
+    embedding.sparse = True
+    setattr(weight, IN_PLACE_GRAD, True)
+    weight.grad = torch.zeros_like(weight)
+    return weight
 
 
 def _logits_buffer(hidden: Tensor, weight: Tensor, chunk_size: int) -> Tensor | None:

@@ -85,6 +85,20 @@ def total_steps(cfg, schedule: Schedule) -> int:
     return max(1, math.ceil(schedule.steps_per_epoch * cfg.num_train_epochs))
 
 
+def in_place_grads(cfg, accelerator, model) -> list[tuple[torch.nn.Parameter, torch.Tensor]]:
+    """``(parameter, gradient buffer)`` pairs whose gradient persists between steps (see
+    ``selective.accumulate_tied_grad_in_place``): only where one process owns the whole, uncompiled
+    model, so no engine or compiler sees the sparse embedding gradient."""
+    from prefopt.selective import accumulate_tied_grad_in_place
+
+    if accelerator.num_processes > 1 or getattr(cfg, "torch_compile", False):
+        return []
+    if getattr(accelerator.state, "deepspeed_plugin", None) or getattr(accelerator.state, "fsdp_plugin", None):
+        return []
+    weight = accumulate_tied_grad_in_place(model)
+    return [(weight, weight.grad)] if weight is not None else []
+
+
 def to_device(batch: dict[str, Any], device) -> dict[str, Any]:
     return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
 
@@ -127,6 +141,7 @@ class Trainer:
         scheduler = build_scheduler(cfg, optimizer, self.total_steps)
         self.model, self.optimizer = acc.prepare(model, optimizer)
         self.scheduler = scheduler
+        self.in_place_grads = in_place_grads(cfg, acc, self.model)
         for module in extra_modules:
             module.to(acc.device)
         self.output_dir = Path(cfg.output_dir)
@@ -135,6 +150,12 @@ class Trainer:
         # Reliability (issue 8): the unlogged metrics window lives here so a checkpoint can carry it.
         self.window: dict[str, Any] = {"sums": defaultdict(float), "pairs": 0, "tokens": 0}
         self.skipped_steps = 0
+
+    def zero_grad(self) -> None:
+        """Free the gradients, except the persistent ones (``in_place_grads``), zeroed in place."""
+        self.optimizer.zero_grad(set_to_none=True)
+        for param, buffer in self.in_place_grads:
+            param.grad = buffer.zero_()
 
     # ------------------------------------------------------------------ running a batch
     def _forward(self, indices: list[int], data: Sequence) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
@@ -190,14 +211,14 @@ class Trainer:
         grad_norm = float(grad_norm) if reported else float("nan")
         sums["grad_norm"] = grad_norm * pairs  # averaged per pair like the rest
         if check_step(self, health, sums["loss"], grad_norm if reported else 0.0):  # non-finite: skip (or raise)
-            self.optimizer.zero_grad(set_to_none=True)
+            self.zero_grad()
             self.scheduler.step()
             self.step += 1
             self.skipped_steps += 1
             return {}, 0, 0
         self.optimizer.step()
         self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.zero_grad()
         self.step += 1
         return sums, pairs, tokens
 
