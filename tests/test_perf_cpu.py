@@ -116,6 +116,29 @@ def test_return_freed_memory_sets_glibc_threshold():
     assert ok == (platform.libc_ver()[0] == "glibc")
 
 
+def test_transient_heap_raises_the_mmap_threshold_for_its_block_only(monkeypatch):
+    from prefopt import memory
+
+    calls = []
+
+    def fake_mallopt(param, value):
+        calls.append((param, value))
+        return 1
+
+    monkeypatch.setitem(memory._state, "mallopt", None)
+    with memory.transient_heap():  # return_freed_memory not in effect: nothing to change
+        pass
+    assert calls == []
+    monkeypatch.setattr(memory, "_mallopt", lambda: fake_mallopt)
+    assert memory.return_freed_memory(1 << 20)
+    assert calls == [(memory.M_MMAP_THRESHOLD, 1 << 20), (memory.M_TRIM_THRESHOLD, 1 << 30)]
+    calls.clear()
+    with pytest.raises(RuntimeError), memory.transient_heap():
+        assert calls == [(memory.M_MMAP_THRESHOLD, 32 << 20)]
+        raise RuntimeError("the threshold comes back also when the block fails")
+    assert calls == [(memory.M_MMAP_THRESHOLD, 32 << 20), (memory.M_MMAP_THRESHOLD, 1 << 20)]
+
+
 # ------------------------------------------------------------------------------------------------
 # The tied embedding/LM-head weight's gradient accumulated in place (selective.accumulate_tied_grad_in_place)
 

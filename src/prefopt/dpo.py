@@ -28,17 +28,21 @@ class PreferenceObjective:
         cfg = self.cfg
         # Per-token options (issue 9) read the per-token log-probs of the same forward pass.
         ld_alpha, use_weighting = cfg.ld_alpha, cfg.use_weighting
-        if ld_alpha is not None or use_weighting:
-            policy = pair_token_logps(model, batch, log_sum_sq=use_weighting)
-        else:
-            policy = pair_logps(model, batch)
+        # The reference first: its temporaries are gone before the policy's activations are made,
+        # and the heap they leave is reused by them (memory.py).
         with torch.no_grad():
             if self.reference is None:  # reference-free: no reference model was loaded
-                ref = {k: torch.zeros_like(policy[k]) for k in ("chosen_logps", "rejected_logps")}
+                ref = None
             elif ld_alpha is not None:
                 ref = self.reference(batch, per_token=True)
             else:
                 ref = self.reference(batch)
+        if ld_alpha is not None or use_weighting:
+            policy = pair_token_logps(model, batch, log_sum_sq=use_weighting)
+        else:
+            policy = pair_logps(model, batch)
+        if ref is None:
+            ref = {k: torch.zeros_like(policy[k]) for k in ("chosen_logps", "rejected_logps")}
         (pc, pr), (rc, rr) = _sequence_logps(policy, ld_alpha), _sequence_logps(ref, ld_alpha)
         n_chosen = policy["chosen_tokens"].clamp_min(1)
         terms = preference_loss_terms(
@@ -82,4 +86,7 @@ class LiveReference:
 
     @torch.no_grad()
     def __call__(self, batch, per_token: bool = False):
-        return pair_token_logps(self.model, batch) if per_token else pair_logps(self.model, batch)
+        from prefopt.memory import transient_heap
+
+        with transient_heap():  # no-grad temporaries: stack-like, reused next step (memory.py)
+            return pair_token_logps(self.model, batch) if per_token else pair_logps(self.model, batch)

@@ -193,11 +193,12 @@ def compute_pair_logps(model, pairs: list[TokenizedPair], collator, *, batch_siz
     from tqdm.auto import tqdm
 
     from prefopt.logprobs import pair_logps
+    from prefopt.memory import transient_heap
     from prefopt.train import iterate_in_order, to_device
 
     model.eval()
     rows = []
-    with torch.no_grad():
+    with torch.no_grad(), transient_heap():
         for indices in tqdm(list(iterate_in_order(len(pairs), batch_size)), desc="logps", disable=not progress):
             batch = to_device(collator([pairs[i] for i in indices]), device)
             out = {k: v.tolist() for k, v in pair_logps(model, batch).items()}

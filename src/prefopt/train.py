@@ -24,6 +24,7 @@ import torch
 from prefopt.checkpoint import save as save_checkpoint
 from prefopt.checkpoint import test_hook
 from prefopt.guard import StepHealth, check_step
+from prefopt.memory import transient_heap
 from prefopt.metrics import MetricsLogger
 from prefopt.schedule import build_optimizer, build_scheduler
 
@@ -194,7 +195,8 @@ class Trainer:
             acc.gradient_state._set_sync_gradients(last)
             with context:
                 losses, metrics, n_tokens = self._forward(shard, self.train_data)
-                acc.backward(losses.sum() * scale)
+                with transient_heap():  # memory.py: reuses the heap the backward's temporaries left
+                    acc.backward(losses.sum() * scale)
             health.observe(losses, [getattr(self.train_data[j], "index", j) for j in shard])
             sums["loss"] += losses.detach().sum().item()
             for k, v in metrics.items():
@@ -242,7 +244,8 @@ class Trainer:
                     # no pairs left runs one discarded forward so the others do not wait forever.
                     self._forward([0], self.eval_data)
                 continue
-            losses, metrics, _ = self._forward(shard, self.eval_data)
+            with transient_heap():  # no gradients: stack-like temporaries (memory.py)
+                losses, metrics, _ = self._forward(shard, self.eval_data)
             sums["loss"] += losses.sum().item()
             for k, v in metrics.items():
                 sums[k] += v.double().sum().item()
