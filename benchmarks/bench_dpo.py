@@ -497,9 +497,11 @@ def render(rows, args, peak, n_pairs, peaks=()) -> str:
 
 NOTES = """## Conditions and caveats
 
-- The machine is shared: other jobs ran on the same 2 cores during the benchmark, so absolute numbers
-  are low and noisy (compare the per-run times in the last column); ratios come from runs that
-  alternate between systems, so both sides saw the same conditions on average.
+- The machine is a virtual machine on a shared host: the same run varies by up to ~10% from one
+  repeat to the next (compare the per-run times in the last column); ratios come from runs that
+  alternate between systems, so both sides saw the same conditions on average. The benchmark's
+  parent process never imports torch (a parent that had slowed every measured run by 10-20%), and
+  the first `--warmup_steps` steps of each run are not timed (see the script's docstring).
 - TRL runs with `gradient_checkpointing=False` and `bf16=False` (its defaults are True) so both sides
   do the same float32 work on CPU; `save_strategy="no"`, `report_to="none"`, and its default
   optimizer (`adamw_torch_fused` with torch >= 2.8). prefopt uses the same fused AdamW kernel.
@@ -507,8 +509,8 @@ NOTES = """## Conditions and caveats
   difference measured here is mostly prefix sharing (the prompt runs once, not twice) and padding.
 - A single epoch pays for the reference forward pass once, precomputed or not; the precompute wins
   in time only when the cache is reused (more epochs, several runs), and always in memory.
-- GPU numbers (bfloat16, a ~0.5B model, the 40% MFU target) are still to be recorded: no GPU was
-  available in this session.
+- GPU numbers (bfloat16, a ~0.5B model, the 40% MFU target) are not recorded: no GPU machine was
+  lent to this task (the device tool's `status` reports none can be started).
 """
 
 
