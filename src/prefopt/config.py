@@ -156,8 +156,9 @@ class TrainConfig:
         "~/.cache/prefopt/ref_logps.", group="performance",
     )
     return_freed_memory: bool = opt(
-        True, "Linux/glibc: serve tensors of 1 MiB and more from their own memory maps, so memory freed "
-        "between steps goes back to the system instead of fragmenting the heap (lower peak RSS on CPU).",
+        True, "Linux/glibc: serve training's tensors of 1 MiB and more from their own memory maps, so memory "
+        "freed between steps goes back to the system instead of fragmenting the heap (lower peak RSS on CPU); "
+        "no-gradient passes and the backward reuse a kept heap instead (no page faults).",
         group="performance",
     )
     # --- logging and output ---
