@@ -39,6 +39,8 @@ def test_fused_gelu_matches_the_models_own_activation(tmp_path, activation, unfu
     assert sum(isinstance(m, unfused) for m in plain.modules()) == 2  # one per layer
     assert [type(m) for m in fused.modules() if isinstance(m, (unfused, GELUTanh))] == [GELUTanh, GELUTanh]
     assert fuse_activations(fused) == 0  # already fused: nothing left to replace
+    python_chain = GELUTanh._gelu_tanh_python
+    assert all(getattr(m.act, "__func__", None) is not python_chain for m in fused.modules() if isinstance(m, GELUTanh))
     batch = _batch()
     want, want_grads = _logps_and_grads(plain, batch)
     got, got_grads = _logps_and_grads(fused, batch)
@@ -61,6 +63,16 @@ def test_fused_model_saves_what_the_unfused_one_saves(tmp_path):
     assert fused.state_dict().keys() == plain.state_dict().keys()
     reloaded = load_causal_lm(str(tmp_path / "saved"), fused_activations=False)
     assert any(isinstance(m, NewGELUActivation) for m in reloaded.modules())
+
+
+def test_an_activation_shared_by_layers_is_replaced_everywhere(tmp_path):
+    path = build_tiny_model(tmp_path / "m", arch="gpt2")
+    model = load_causal_lm(str(path), fused_activations=False)
+    shared = model.transformer.h[0].mlp.act
+    model.transformer.h[1].mlp.act = shared
+    assert fuse_activations(model) == 2
+    acts = [block.mlp.act for block in model.transformer.h]
+    assert all(isinstance(a, GELUTanh) for a in acts) and acts[0] is acts[1]
 
 
 def test_models_without_tanh_gelu_are_left_alone(tiny_llama):

@@ -134,6 +134,8 @@ def test_transient_heap_raises_the_mmap_threshold_for_its_block_only(monkeypatch
     assert calls == [(memory.M_MMAP_THRESHOLD, 1 << 20), (memory.M_TRIM_THRESHOLD, 1 << 30)]
     calls.clear()
     with pytest.raises(RuntimeError), memory.transient_heap():
+        with memory.transient_heap():  # nested: changes nothing more, restores nothing early
+            pass
         assert calls == [(memory.M_MMAP_THRESHOLD, 32 << 20)]
         raise RuntimeError("the threshold comes back also when the block fails")
     assert calls == [(memory.M_MMAP_THRESHOLD, 32 << 20), (memory.M_MMAP_THRESHOLD, 1 << 20)]
@@ -164,20 +166,30 @@ def _batch(seed):
 
 
 def test_tied_gradient_in_place_equals_autograd_over_accumulated_backwards():
-    from prefopt.selective import accumulate_tied_grad_in_place, target_token_logps
+    from prefopt.selective import IN_PLACE_GRAD, accumulate_tied_grad_in_place, target_token_logps
 
     plain, fused = _tied_gpt2(), _tied_gpt2()
-    weight = accumulate_tied_grad_in_place(fused)
-    assert weight is fused.get_input_embeddings().weight and fused.get_input_embeddings().sparse
+    handle = accumulate_tied_grad_in_place(fused)
+    weight = fused.get_input_embeddings().weight
+    assert handle.weight is weight and fused.get_input_embeddings().sparse
+    buffer = weight.grad
     assert accumulate_tied_grad_in_place(plain.transformer.wte) is None  # not a whole causal LM
     for seed in (1, 2):  # two micro-batches: the gradient accumulates
         for model in (plain, fused):
             logps = target_token_logps(model, _batch(seed), chunk_size=3)
             (logps * torch.linspace(-1, 2, len(logps))).sum().backward()
-    assert fused.transformer.wte.weight.grad is weight.grad and not weight.grad.is_sparse
+    assert weight.grad is buffer and not buffer.is_sparse  # accumulated in place, still dense
     for (name, p), q in zip(plain.named_parameters(), fused.parameters()):
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-6, msg=name)
     assert weight.grad.abs().sum() > 0
+    handle.zero()
+    assert weight.grad is buffer and not buffer.any()
+    # Released: plain autograd again (torch.autograd.grad sees the whole gradient).
+    handle.release()
+    assert weight.grad is None and not fused.get_input_embeddings().sparse and not hasattr(weight, IN_PLACE_GRAD)
+    want, got = (torch.autograd.grad(target_token_logps(m, _batch(1), chunk_size=3).sum(), m.transformer.wte.weight)[0]
+                 for m in (plain, fused))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
 def test_untied_or_frozen_heads_are_left_alone(tiny_llama):
@@ -229,3 +241,19 @@ def test_training_with_the_in_place_tied_gradient_matches_plain_autograd(tiny_gp
         torch.testing.assert_close(fused_w[name], plain_w[name], rtol=1e-5, atol=2e-5)
     initial = load_file(tiny_gpt2 / "model.safetensors")
     assert not torch.equal(fused_w["transformer.wte.weight"], initial["transformer.wte.weight"])
+
+
+def test_chunked_head_backward_recomputes_in_the_forwards_autocast_precision():
+    """Under bf16 autocast the forward's log-sum-exp comes from bf16 logits; a backward that
+    recomputed them in float32 would use a softmax that no longer sums to one. The bias gradient of
+    sum(logp) is sum_t (onehot_t - softmax_t), whose total over the vocabulary is then exactly 0."""
+    torch.manual_seed(3)
+    h = (3 * torch.randn(6, 16)).requires_grad_()
+    w = torch.randn(50, 16, requires_grad=True)
+    b = torch.randn(50, requires_grad=True)
+    tokens = torch.randint(0, 50, (6,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = ChunkedHeadLogps.apply(h, w, b, tokens, 2, False)  # three chunks, all recomputed
+    out.sum().backward()
+    assert abs(float(b.grad.sum())) < 1e-4
+    assert float(b.grad.abs().sum()) > 1.0  # not trivially zero

@@ -39,8 +39,11 @@ def fuse_activations(model: torch.nn.Module) -> int:
     from transformers.activations import GELUTanh
 
     classes = _unfused_tanh_gelu_classes()
-    targets = [(name, module) for name, module in model.named_modules() if name and _is_unfused(module, classes)]
-    for name, _ in targets:
+    # remove_duplicate=False: one activation instance shared by several layers is found at each place.
+    targets = [(name, module) for name, module in model.named_modules(remove_duplicate=False)
+               if name and _is_unfused(module, classes)]
+    replacement: dict[int, torch.nn.Module] = {}
+    for name, module in targets:
         parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, GELUTanh())
+        setattr(model.get_submodule(parent_name), child, replacement.setdefault(id(module), GELUTanh()))
     return len(targets)

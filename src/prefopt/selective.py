@@ -88,6 +88,10 @@ class ChunkedHeadLogps(torch.autograd.Function):
                 kept = logits.div_(sums[:, None])  # the softmax of the last chunk
         ctx.save_for_backward(hidden, weight, bias, tokens, lse)
         ctx.chunk_size, ctx.kept, ctx.buffer = chunk_size, kept, buffer
+        # The backward runs outside autocast: it recomputes the logits in the forward's precision,
+        # or its softmax would not match the forward's saved log-sum-exp.
+        device = hidden.device.type
+        ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
         return out
 
     @staticmethod
@@ -111,7 +115,10 @@ class ChunkedHeadLogps(torch.autograd.Function):
             if kept is not None:
                 g, kept = kept, None
             else:
-                g = _chunk_logits(h, weight, bias, buffer).sub_(lse[s : s + chunk_size, None]).exp_()
+                device, enabled, dtype = ctx.autocast
+                with torch.autocast(device, dtype=dtype, enabled=enabled):
+                    logits = _chunk_logits(h, weight, bias, buffer)
+                g = logits.sub_(lse[s : s + chunk_size, None]).exp_()
             g.mul_(-go).scatter_add_(-1, tokens[s : s + chunk_size, None], go)
             if grad_h is not None:
                 grad_h[s : s + chunk_size] = (g.to(weight.dtype) @ weight).to(hidden.dtype)
@@ -137,7 +144,31 @@ def _accumulates_in_place(weight: Tensor) -> bool:
             and grad.dtype == torch.float32 and weight.dtype == torch.float32)
 
 
-def accumulate_tied_grad_in_place(model) -> Tensor | None:
+class TiedGradInPlace:
+    """The tied weight's persistent gradient (see ``accumulate_tied_grad_in_place``): ``zero()``
+    instead of setting ``.grad`` to None between steps, ``release()`` to restore plain autograd."""
+
+    def __init__(self, weight: torch.nn.Parameter, embedding: torch.nn.Embedding):
+        self.weight, self.embedding = weight, embedding
+        self.buffer = torch.zeros_like(weight)
+        embedding.sparse = True
+        setattr(weight, IN_PLACE_GRAD, True)
+        weight.grad = self.buffer
+
+    def zero(self) -> None:
+        self.weight.grad = self.buffer.zero_()
+
+    def release(self) -> None:
+        """Back to plain autograd (``torch.autograd.grad`` and gradient hooks on the weight see
+        only what flows through autograd, so the in-place mode must not outlive training)."""
+        self.embedding.sparse = False
+        if hasattr(self.weight, IN_PLACE_GRAD):
+            delattr(self.weight, IN_PLACE_GRAD)
+        self.weight.grad = None
+        self.buffer = None
+
+
+def accumulate_tied_grad_in_place(model) -> TiedGradInPlace | None:
     """For a model whose input embedding is tied to its LM head (GPT-2 and most small models),
     let the tied weight's gradient accumulate in one persistent buffer instead of three fresh
     ``[V, H]`` blocks per backward (the head's gradient, the embedding's zero-filled dense gradient,
@@ -145,10 +176,12 @@ def accumulate_tied_grad_in_place(model) -> Tensor | None:
     returns a sparse gradient (only the rows of the batch's tokens) that autograd adds in place.
     At GPT-2's vocabulary that is 3 x 154 MB of fresh, page-faulting memory per step less.
 
-    Returns the weight, whose ``.grad`` must then be zeroed in place rather than set to None
-    (the trainer does); ``None`` (nothing changed) where the conditions do not hold: a plain
-    float32 ``PreTrainedModel`` whose head ``split_lm_head`` accepts, trainable and tied. The
-    caller makes sure that one process owns the whole model (no DDP, FSDP or DeepSpeed)."""
+    Returns the handle whose ``zero()`` replaces setting that ``.grad`` to None between steps and
+    whose ``release()`` ends the mode (the trainer does both); ``None`` (nothing changed) where
+    the conditions do not hold: a plain float32 ``PreTrainedModel`` whose head ``split_lm_head``
+    accepts, trainable and tied. The caller makes sure that one process owns the whole model (no
+    DDP, FSDP or DeepSpeed) and that nothing but ``backward()`` computes gradients of the weight
+    meanwhile (``torch.autograd.grad`` would see only the embedding's part)."""
     parts = split_lm_head(model)
     if parts is None:
         return None
@@ -158,10 +191,7 @@ def accumulate_tied_grad_in_place(model) -> Tensor | None:
     if (not isinstance(embedding, torch.nn.Embedding) or embedding.weight is not weight
             or not weight.requires_grad or weight.dtype != torch.float32 or embedding.max_norm is not None):
         return None
-    embedding.sparse = True
-    setattr(weight, IN_PLACE_GRAD, True)
-    weight.grad = torch.zeros_like(weight)
-    return weight
+    return TiedGradInPlace(weight, embedding)
 
 
 def _logits_buffer(hidden: Tensor, weight: Tensor, chunk_size: int) -> Tensor | None:

@@ -86,8 +86,8 @@ def total_steps(cfg, schedule: Schedule) -> int:
     return max(1, math.ceil(schedule.steps_per_epoch * cfg.num_train_epochs))
 
 
-def in_place_grads(cfg, accelerator, model) -> list[tuple[torch.nn.Parameter, torch.Tensor]]:
-    """``(parameter, gradient buffer)`` pairs whose gradient persists between steps (see
+def in_place_grads(cfg, accelerator, model) -> list:
+    """The parameters whose gradient persists between steps (``TiedGradInPlace`` handles, see
     ``selective.accumulate_tied_grad_in_place``): only where one process owns the whole, uncompiled
     model, so no engine or compiler sees the sparse embedding gradient."""
     from prefopt.selective import accumulate_tied_grad_in_place
@@ -96,8 +96,8 @@ def in_place_grads(cfg, accelerator, model) -> list[tuple[torch.nn.Parameter, to
         return []
     if getattr(accelerator.state, "deepspeed_plugin", None) or getattr(accelerator.state, "fsdp_plugin", None):
         return []
-    weight = accumulate_tied_grad_in_place(model)
-    return [(weight, weight.grad)] if weight is not None else []
+    handle = accumulate_tied_grad_in_place(model)
+    return [handle] if handle is not None else []
 
 
 def to_device(batch: dict[str, Any], device) -> dict[str, Any]:
@@ -155,8 +155,8 @@ class Trainer:
     def zero_grad(self) -> None:
         """Free the gradients, except the persistent ones (``in_place_grads``), zeroed in place."""
         self.optimizer.zero_grad(set_to_none=True)
-        for param, buffer in self.in_place_grads:
-            param.grad = buffer.zero_()
+        for handle in self.in_place_grads:
+            handle.zero()
 
     # ------------------------------------------------------------------ running a batch
     def _forward(self, indices: list[int], data: Sequence) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
@@ -255,6 +255,14 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
     def train(self) -> dict[str, float]:
+        try:
+            return self._train()
+        finally:  # the model leaves with plain autograd (selective.TiedGradInPlace)
+            for handle in self.in_place_grads:
+                handle.release()
+            self.in_place_grads = []
+
+    def _train(self) -> dict[str, float]:
         cfg, acc = self.cfg, self.accelerator
         from tqdm.auto import tqdm
 
