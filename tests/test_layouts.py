@@ -163,6 +163,25 @@ def test_selective_head_equals_full_logits_with_gradients():
         torch.testing.assert_close(out[True][1][name], g, **TOL)
 
 
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_selective_head_gives_the_per_token_wpo_term_of_full_logits(arch):
+    """The per-token options (ld_alpha, WPO's log sum p^2) use the head-only path too."""
+    model = make_model(arch)
+    batch = make_collator("prefix_shared", 0)(make_pairs(3, ragged=True))
+    out = {}
+    for selective in (False, True):
+        model.zero_grad(set_to_none=True)
+        logps, sum_sq = target_token_logps(model, batch, chunk_size=5, selective=selective, log_sum_sq=True)
+        (logps * torch.linspace(-1, 1, len(logps))).sum().backward()
+        out[selective] = logps.detach(), sum_sq, {n: p.grad.clone() for n, p in model.named_parameters()}
+    assert not out[True][1].requires_grad
+    torch.testing.assert_close(out[True][0], out[False][0], **TOL)
+    torch.testing.assert_close(out[True][1], out[False][1], **TOL)
+    assert (out[True][1] < 0).all()  # log of a sum of squared probabilities
+    for name, g in out[False][2].items():
+        torch.testing.assert_close(out[True][2][name], g, **TOL)
+
+
 @pytest.mark.parametrize("keep_last", [False, True])
 def test_chunked_head_gradcheck_with_bias(keep_last):
     torch.manual_seed(0)

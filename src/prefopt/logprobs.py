@@ -99,22 +99,20 @@ def pair_token_logps(model, batch: dict[str, Tensor], *, log_sum_sq: bool = Fals
     rejected of pair i), ``token_rank [T]`` (position inside the response), ``counts [2B]``, and with
     ``log_sum_sq`` also ``token_log_sum_sq [T]`` (``token_log_sum_sq``, for WPO weights).
     """
-    from prefopt.selective import attention_inputs
+    from prefopt.selective import target_token_logps
 
-    # Full logits here (WPO needs the whole distribution at each target); the 4D masks of the
-    # shared layouts are converted for the model's attention implementation as in response_logps.
-    logits = model(**attention_inputs(model, batch), use_cache=False).logits  # [R, L, V]
-    selected = logits[batch["target_rows"], batch["target_positions"]]  # [T, V]
-    per_token = token_logps(selected, batch["target_tokens"])
+    # The LM head at the targets only, as in response_logps (full logits where that is not exact).
+    result = target_token_logps(model, batch, log_sum_sq=log_sum_sq)
+    per_token, sum_sq = result if log_sum_sq else (result, None)
     sums, counts = sum_per_response(per_token, batch)
     index = batch["target_response"]
     out = {
         **split_pairs(sums, counts),
         "token_logps": per_token,
         "token_response": index,
-        "token_rank": rank_within_response(index, batch["target_positions"], logits.shape[1]),
+        "token_rank": rank_within_response(index, batch["target_positions"], batch["input_ids"].shape[1]),
         "counts": counts,
     }
     if log_sum_sq:
-        out["token_log_sum_sq"] = token_log_sum_sq(selected.detach())
+        out["token_log_sum_sq"] = sum_sq
     return out

@@ -285,18 +285,40 @@ def flex_block_mask(mask: Tensor):
 
 
 def target_token_logps(model, batch: dict[str, Tensor], chunk_size: int | None = None,
-                       selective: bool = True) -> Tensor:
-    """Per-target-token log-probs ``[T]`` (float32) of ``batch`` (see collate.py for the contract)."""
-    from prefopt.logprobs import token_logps
+                       selective: bool = True, *, log_sum_sq: bool = False):
+    """Per-target-token log-probs ``[T]`` (float32) of ``batch`` (see collate.py for the contract).
+
+    With ``log_sum_sq`` returns ``(logps, log_sum_sq)``: also ``log sum_v p(v)^2`` at each target
+    (WPO's weights; float32, no gradient), from the same forward pass, also head-only."""
+    from prefopt.logprobs import token_log_sum_sq, token_logps
 
     inputs = attention_inputs(model, batch)
     rows, positions, tokens = batch["target_rows"], batch["target_positions"], batch["target_tokens"]
     parts = split_lm_head(model) if selective else None
     if parts is None:
         logits = model(**inputs, use_cache=False).logits  # [R, L, V]
-        return token_logps(logits[rows, positions], tokens, chunk_size or 1024)
+        selected = logits[rows, positions]
+        logps = token_logps(selected, tokens, chunk_size or 1024)
+        return (logps, token_log_sum_sq(selected.detach(), chunk_size or 1024)) if log_sum_sq else logps
     body, head = parts
     hidden = body(**inputs, use_cache=False).last_hidden_state  # [R, L, H]
     chunk_size = chunk_size or head_chunk_size(head.weight.shape[0])
     keep_last = torch.is_grad_enabled() and (hidden.requires_grad or head.weight.requires_grad)
-    return ChunkedHeadLogps.apply(hidden[rows, positions], head.weight, head.bias, tokens, chunk_size, keep_last)
+    at_targets = hidden[rows, positions]
+    logps = ChunkedHeadLogps.apply(at_targets, head.weight, head.bias, tokens, chunk_size, keep_last)
+    if not log_sum_sq:
+        return logps
+    return logps, head_log_sum_sq(at_targets.detach(), head.weight.detach(), head.bias, chunk_size)
+
+
+@torch.no_grad()
+def head_log_sum_sq(hidden: Tensor, weight: Tensor, bias: Tensor | None, chunk_size: int) -> Tensor:
+    """``log sum_v softmax(hidden @ W.T + b)_v^2`` per row, float32, one reused ``[chunk, V]``
+    buffer: ``log sum exp(2 z) - 2 logsumexp(z) = 2 (log ||exp(z - m)|| - log sum exp(z - m))``."""
+    out = hidden.new_empty(hidden.shape[0], dtype=torch.float32)
+    buffer = _logits_buffer(hidden, weight, chunk_size)
+    for s in range(0, hidden.shape[0], chunk_size):
+        logits = _chunk_logits(hidden[s : s + chunk_size], weight, bias, buffer)
+        sums, _ = _exp_shifted_(logits)
+        out[s : s + chunk_size] = 2.0 * (torch.linalg.vector_norm(logits, dim=-1).log() - sums.log())
+    return out
