@@ -331,7 +331,7 @@ def main() -> None:
     parser.add_argument("--batch_size", type=int, default=2)
     parser.add_argument("--steps", type=int, default=5, help="Optimizer steps per run.")
     parser.add_argument("--warmup_steps", type=int, default=2, help="Steps at the start of a run that are not timed.")
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--systems", default=",".join(SYSTEMS))
     parser.add_argument("--output", default=str(ROOT / "docs" / "benchmarks.md"))
     parser.add_argument("--raw", help="Also append every run's result to this JSONL file as it finishes.")
