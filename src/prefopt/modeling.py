@@ -53,8 +53,6 @@ def load_causal_lm(name_or_path: str, *, disable_dropout_: bool = True, dtype: t
     """The causal LM at ``name_or_path``; dropout off and activations fused (fused.py) by default."""
     from transformers import AutoModelForCausalLM
 
-    from prefopt.fused import fuse_activations
-
     if _looks_local(name_or_path) and not Path(name_or_path).expanduser().exists():
         raise PrefoptError(f"model path not found: {name_or_path}")
     try:
@@ -65,6 +63,13 @@ def load_causal_lm(name_or_path: str, *, disable_dropout_: bool = True, dtype: t
         model = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
     except (OSError, ValueError) as e:
         raise PrefoptError(f"cannot load a causal LM from {name_or_path!r}: {_first_line(e)}") from None
+    return finish_loading(model, disable_dropout_=disable_dropout_, fused_activations=fused_activations)
+
+
+def finish_loading(model: torch.nn.Module, *, disable_dropout_: bool, fused_activations: bool) -> torch.nn.Module:
+    """What every loader does to a freshly loaded model: dropout off, activations fused (fused.py)."""
+    from prefopt.fused import fuse_activations
+
     if disable_dropout_:
         disable_dropout(model)
     if fused_activations:

@@ -93,8 +93,7 @@ def load_reward_model(name_or_path: str, *, pad_token_id: int | None, disable_dr
     model, as ``AutoModelForSequenceClassification`` with one output."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
-    from prefopt.fused import fuse_activations
-    from prefopt.modeling import _first_line, _looks_local, disable_dropout, dropout_free_config
+    from prefopt.modeling import _first_line, _looks_local, dropout_free_config, finish_loading
 
     if _looks_local(name_or_path) and not Path(name_or_path).expanduser().exists():
         raise PrefoptError(f"model path not found: {name_or_path}")
@@ -112,11 +111,8 @@ def load_reward_model(name_or_path: str, *, pad_token_id: int | None, disable_dr
         model = AutoModelForSequenceClassification.from_pretrained(name_or_path, config=config)
     except (OSError, ValueError) as e:
         raise PrefoptError(f"cannot load a reward model from {name_or_path!r}: {_first_line(e)}") from None
-    if disable_dropout_:
-        disable_dropout(model)
-    if fused_activations:
-        fuse_activations(model)
-    return ScalarRewardModel(model)
+    return ScalarRewardModel(finish_loading(model, disable_dropout_=disable_dropout_,
+                                            fused_activations=fused_activations))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -224,12 +224,6 @@ def _exp_shifted_(logits: Tensor) -> tuple[Tensor, Tensor]:
     return sums, shift
 
 
-def _logsumexp_(logits: Tensor) -> Tensor:
-    """``logsumexp(logits, -1)`` computed in place (``logits`` is overwritten)."""
-    sums, shift = _exp_shifted_(logits)
-    return sums.log_().add_(shift)
-
-
 def head_chunk_size(vocab_size: int, budget: int = 1 << 24) -> int:
     """Tokens per LM-head chunk so one float32 ``[chunk, vocab]`` block holds ``budget`` elements
     (64 MB): 333 tokens at GPT-2's vocabulary, 110 at 150k. Large enough that the chunk's matmul
