@@ -125,7 +125,7 @@ def matmul_shapes(hiddens: list[int], tokens: int = 768) -> list[tuple[int, int,
     """``(m, k, n)`` of the products a training step runs: a 2048 square, and per hidden size the
     attention/MLP projections over ``tokens`` rows and one LM-head chunk at GPT-2's vocabulary."""
     sys.path.insert(0, str(ROOT / "src"))
-    from prefopt.selective import head_chunk_size
+    from prefopt.modeling.lm_head import head_chunk_size
 
     shapes = [(2048, 2048, 2048)]
     for h in hiddens:
@@ -180,8 +180,10 @@ class Clock:
 
 def run_prefopt(spec: dict) -> dict:
     sys.path.insert(0, str(ROOT / "src"))
-    from prefopt import pipeline, reference, train
+    from prefopt import recipes
     from prefopt.config import TrainConfig
+    from prefopt.objectives import reference_cache as reference
+    from prefopt.training import trainer as train
 
     clock = Clock()
     train.Trainer.save_final = lambda self: None  # neither side writes the model in the benchmark
@@ -204,7 +206,7 @@ def run_prefopt(spec: dict) -> dict:
         ref_logps_cache_dir=str(Path(spec["out"]) / "cache"),  # fresh: the precompute pass is timed
     )
     cfg.report_to = "none"
-    pipeline.train(cfg)
+    recipes.train(cfg)
     return clock.result(spec.get("warmup_steps", 1))
 
 

@@ -16,9 +16,9 @@ import time
 from pathlib import Path
 
 from prefopt.config import TrainConfig
-from prefopt.metrics import read_metrics
-from prefopt.pipeline import train
+from prefopt.recipes import train
 from prefopt.toy import build_tiny_model, easy_preferences, write_jsonl
+from prefopt.training.metrics import read_metrics
 
 RUNS = [
     ("dpo", {}), ("hinge", {}), ("ipo", {}), ("robust", {"label_smoothing": 0.1}),

@@ -70,7 +70,7 @@ def test_docs_config_md_lists_every_key():
 
 
 def test_lr_schedules():
-    from prefopt.schedule import lr_multiplier
+    from prefopt.training.optim import lr_multiplier
 
     assert [lr_multiplier(s, kind="linear", warmup_steps=2, total_steps=6) for s in range(7)] == [
         0.0, 0.5, 1.0, 0.75, 0.5, 0.25, 0.0]

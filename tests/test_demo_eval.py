@@ -13,8 +13,8 @@ import torch
 
 from prefopt.demo import world
 from prefopt.errors import PrefoptError
-from prefopt.evaluate import Sample, kl_estimates, sample, sample_logps, win_rate
-from prefopt.scorers import load_scorer
+from prefopt.evaluation.policy import Sample, kl_estimates, sample, sample_logps, win_rate
+from prefopt.evaluation.scorers import load_scorer
 
 
 def _sig(x: float) -> float:
@@ -207,8 +207,8 @@ def test_sampled_logps_match_generate_with_left_padding(tiny_llama):
     """Prompts of different lengths are left-padded for generate and right-padded for scoring: the
     log-probs ``sample_logps`` gives must equal generate's own, or the KL would be measured on a
     different distribution than the one sampled."""
-    from prefopt.evaluate import encode_prompts
-    from prefopt.modeling import load_causal_lm, load_tokenizer
+    from prefopt.evaluation.policy import encode_prompts
+    from prefopt.modeling.load import load_causal_lm, load_tokenizer
 
     tok, model = load_tokenizer(str(tiny_llama)), load_causal_lm(str(tiny_llama))
     ids = encode_prompts(tok, ["the movie", "a film with a really quite dull plot", "it"])

@@ -15,8 +15,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from prefopt.metrics import read_metrics
 from prefopt.toy import easy_preferences, write_jsonl
+from prefopt.training.metrics import read_metrics
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
@@ -130,7 +130,8 @@ def test_accumulation_one_by_eight_equals_eight_by_one(cli, single_run, tiny_lla
 FORCED_FSDP2 = textwrap.dedent(
     """
     import sys
-    import prefopt.distributed as D
+    import prefopt.recipes as R
+    import prefopt.training.distributed as D
 
     def forced_fsdp2(cfg):
         from accelerate import Accelerator
@@ -152,8 +153,8 @@ FORCED_FSDP2 = textwrap.dedent(
         print("reference sharded", flush=True)
         return model
 
-    D.build_accelerator = forced_fsdp2
-    D.prepare_reference = checked_reference
+    R.build_accelerator = forced_fsdp2
+    R.prepare_reference = checked_reference
     from prefopt.cli import main
     sys.exit(main(sys.argv[1:]))
     """
@@ -180,7 +181,8 @@ def test_fsdp2_two_processes_equal_one_process_on_cpu(single_run, tiny_llama, ea
 FORCED_DEEPSPEED = textwrap.dedent(
     """
     import os, sys
-    import prefopt.distributed as D
+    import prefopt.recipes as R
+    import prefopt.training.distributed as D
 
     def forced_deepspeed(cfg):
         from accelerate import Accelerator
@@ -198,7 +200,7 @@ FORCED_DEEPSPEED = textwrap.dedent(
         D.configure_deepspeed(acc, cfg)
         return acc
 
-    D.build_accelerator = forced_deepspeed
+    R.build_accelerator = forced_deepspeed
     from prefopt.cli import main
     sys.exit(main(sys.argv[1:]))
     """

@@ -11,9 +11,9 @@ from transformers.activations import FastGELUActivation, GELUTanh, NewGELUActiva
 
 from prefopt.data.collate import PaddedPairCollator
 from prefopt.data.tokenize import TokenizedPair
-from prefopt.fused import fuse_activations
-from prefopt.logprobs import pair_logps
-from prefopt.modeling import load_causal_lm
+from prefopt.modeling.fused import fuse_activations
+from prefopt.modeling.load import load_causal_lm
+from prefopt.modeling.logprobs import pair_logps
 from prefopt.toy import build_tiny_model
 
 

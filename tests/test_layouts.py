@@ -10,17 +10,14 @@ import torch
 
 from prefopt.config import TrainConfig
 from prefopt.data.collate import PaddedPairCollator
-from prefopt.data.layouts import (
-    PackedCollator,
-    PrefixSharedCollator,
-    choose_layout,
-    make_collator,
-)
+from prefopt.data.layouts import PackedCollator, PrefixSharedCollator, choose_layout, make_collator
 from prefopt.data.tokenize import TokenizedPair
-from prefopt.dpo import LiveReference, PreferenceObjective
 from prefopt.errors import ConfigError
-from prefopt.logprobs import response_logps
-from prefopt.selective import ChunkedHeadLogps, split_lm_head, target_token_logps
+from prefopt.modeling.attention import model_layout
+from prefopt.modeling.lm_head import ChunkedHeadLogps, split_lm_head
+from prefopt.modeling.logprobs import response_logps, target_token_logps
+from prefopt.objectives.preference import PreferenceObjective
+from prefopt.objectives.reference import LiveReference
 from prefopt.toy import tiny_gpt2_config, tiny_llama_config
 
 VOCAB = 40
@@ -82,7 +79,7 @@ def loss_and_grads(policy, reference, collator, pairs):
     cfg = TrainConfig(beta=0.5)
     batch = collator(pairs)
     policy.zero_grad(set_to_none=True)
-    losses, metrics = PreferenceObjective(cfg, LiveReference(reference))(policy, batch)
+    losses, metrics = PreferenceObjective(cfg.loss_options(), LiveReference(reference))(policy, batch)
     losses.mean().backward()
     grads = {n: p.grad.detach().clone() for n, p in policy.named_parameters() if p.grad is not None}
     sums, counts = response_logps(policy, batch)
@@ -214,18 +211,18 @@ class _FakeModel:
 
 def test_auto_layout_choice():
     long_prompt = [TokenizedPair(list(range(4, 200)), [5] * 20, [6] * 20, None, None, i) for i in range(8)]
-    assert choose_layout("auto", long_prompt, 4, _FakeModel("sdpa")) == "prefix_shared"
+    assert model_layout("auto", long_prompt, 4, _FakeModel("sdpa")) == "prefix_shared"
     # Lengths that vary a lot: packing removes the padding of the short pairs.
     rng = random.Random(0)
     ragged = [TokenizedPair([4] * rng.choice([4, 200]), [5] * 10, [6] * 10, None, None, i) for i in range(64)]
-    assert choose_layout("auto", ragged, 8, _FakeModel("sdpa")) == "packed"
+    assert model_layout("auto", ragged, 8, _FakeModel("sdpa")) == "packed"
     # No prompt to share: the plain layout is as cheap and simplest.
     no_prompt = [TokenizedPair([4], [5] * 30, [6] * 30, None, None, i) for i in range(8)]
-    assert choose_layout("auto", no_prompt, 4, _FakeModel("sdpa")) == "plain"
+    assert choose_layout("auto", no_prompt, 4, attn_impl="sdpa", hidden_size=256) == "plain"
     # Attention that cannot take a 4D mask.
-    assert choose_layout("auto", long_prompt, 4, _FakeModel("flash_attention_2")) == "plain"
+    assert choose_layout("auto", long_prompt, 4, attn_impl="flash_attention_2") == "plain"
     with pytest.raises(ConfigError, match="flash_attention_2"):
-        choose_layout("prefix_shared", long_prompt, 4, _FakeModel("flash_attention_2"))
+        model_layout("prefix_shared", long_prompt, 4, _FakeModel("flash_attention_2"))
     assert isinstance(make_collator("packed", 0), PackedCollator)
 
 
@@ -234,7 +231,7 @@ def test_flex_attention_matches_plain_on_gpu():
     model = make_model("llama", attn="flex_attention").cuda()
     sdpa = make_model("llama", attn="sdpa").cuda()
     pairs = make_pairs(4, ragged=True)
-    from prefopt.train import to_device
+    from prefopt.data.collate import to_device
 
     want, _ = response_logps(sdpa, to_device(PaddedPairCollator(0)(pairs), "cuda"))
     got, _ = response_logps(model, to_device(PrefixSharedCollator(0)(pairs), "cuda"))

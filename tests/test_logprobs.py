@@ -7,7 +7,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from prefopt.data.collate import PaddedPairCollator
 from prefopt.data.records import PreferencePair
 from prefopt.data.tokenize import tokenize_pairs
-from prefopt.logprobs import pair_logps, token_logps
+from prefopt.modeling.logprobs import pair_logps, token_logps
 
 PAIRS = [
     PreferencePair("the movie was", "good", "bad and dull"),

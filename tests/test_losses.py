@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from prefopt.losses import LOSSES, odpo_offset, preference_loss
+from prefopt.losses.combine import LOSSES, preference_loss
+from prefopt.losses.offsets import odpo_offset
 
 LOG2 = math.log(2.0)
 
@@ -132,7 +133,7 @@ def test_dpo_gradient_matches_math_section_3():
 def test_registry_and_errors():
     assert {"dpo", "sigmoid", "odpo", "cdpo", "ipo", "hinge"} <= set(LOSSES)
     assert LOSSES["odpo"].requires_scores and not LOSSES["dpo"].requires_scores
-    with pytest.raises(ValueError, match="unknown loss_type 'dpoo'"):
+    with pytest.raises(ValueError, match="unknown loss_type value 'dpoo'"):
         loss("dpoo", beta=0.1)
     with pytest.raises(ValueError, match="beta"):
         loss("dpo", beta=0.0)

@@ -14,15 +14,10 @@ import torch
 
 from prefopt.config import TrainConfig, build_config, save_config
 from prefopt.errors import ConfigError
-from prefopt.logprobs import pair_logps, pair_token_logps, rank_within_response, token_log_sum_sq
-from prefopt.losses import (
-    LOSSES,
-    length_desensitized_logps,
-    odpo_offset,
-    preference_loss,
-    preference_loss_terms,
-    wpo_pair_weights,
-)
+from prefopt.losses.combine import LOSSES, preference_loss, preference_loss_terms
+from prefopt.losses.offsets import odpo_offset
+from prefopt.losses.token_options import length_desensitized_logps, wpo_pair_weights
+from prefopt.modeling.logprobs import pair_logps, pair_token_logps, rank_within_response, token_log_sum_sq
 
 LOG2 = math.log(2.0)
 
@@ -397,7 +392,7 @@ def two_models(tiny_llama, tmp_path_factory):
     from prefopt.data.collate import PaddedPairCollator
     from prefopt.data.records import PreferencePair
     from prefopt.data.tokenize import tokenize_pairs
-    from prefopt.modeling import load_causal_lm, load_tokenizer
+    from prefopt.modeling.load import load_causal_lm, load_tokenizer
     from prefopt.toy import build_tiny_model
 
     other = build_tiny_model(tmp_path_factory.mktemp("models") / "llama_seed1", arch="llama", seed=1)
@@ -437,10 +432,11 @@ def test_pair_token_logps_matches_pair_logps_and_an_explicit_loop(two_models):
 
 
 def _objective(cfg_kw, ref_model):
-    from prefopt.dpo import LiveReference, PreferenceObjective
+    from prefopt.objectives.preference import PreferenceObjective
+    from prefopt.objectives.reference import LiveReference
 
     cfg = TrainConfig(model_name_or_path="m", dataset="d", **cfg_kw).validate()
-    return PreferenceObjective(cfg, LiveReference(ref_model) if ref_model is not None else None)
+    return PreferenceObjective(cfg.loss_options(), LiveReference(ref_model) if ref_model is not None else None)
 
 
 def test_objective_ld_alpha_against_per_token_truncation(two_models):
@@ -575,8 +571,8 @@ E2E = [
 
 @pytest.mark.parametrize("loss_type,extra,first", E2E, ids=[f"{a}-{'-'.join(b) or 'plain'}" for a, b, _ in E2E])
 def test_short_training_run(loss_type, extra, first, tiny_llama, easy_data, tmp_path):
-    from prefopt.metrics import read_metrics
-    from prefopt.pipeline import train
+    from prefopt.recipes import train
+    from prefopt.training.metrics import read_metrics
 
     out = tmp_path / "run"
     c = TrainConfig(model_name_or_path=str(tiny_llama), dataset=str(easy_data["train"]), output_dir=str(out),

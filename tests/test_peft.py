@@ -12,9 +12,9 @@ from prefopt.config import TrainConfig
 from prefopt.data.collate import PaddedPairCollator
 from prefopt.data.formats import Columns, load_pairs
 from prefopt.data.tokenize import tokenize_pairs
-from prefopt.logprobs import pair_logps
-from prefopt.metrics import read_metrics
-from prefopt.modeling import load_causal_lm, load_tokenizer
+from prefopt.modeling.load import load_causal_lm, load_tokenizer
+from prefopt.modeling.logprobs import pair_logps
+from prefopt.training.metrics import read_metrics
 
 peft = pytest.importorskip("peft")
 
@@ -81,7 +81,7 @@ def test_lora_run_trains_only_the_adapter_and_saves_adapter_and_merged_model(lor
 def test_adapter_off_reference_equals_the_base_model_and_holds_no_copy(lora_run, tiny_llama, easy_data):
     from peft import PeftModel
 
-    from prefopt.peft_support import AdapterOffReference
+    from prefopt.objectives.reference import AdapterOffReference
 
     batch = _batch(tiny_llama, easy_data["train"])
     with torch.no_grad():
@@ -99,8 +99,8 @@ def test_adapter_off_reference_equals_the_base_model_and_holds_no_copy(lora_run,
 
 
 def test_build_models_with_peft_uses_the_policy_as_reference(tiny_llama, easy_data):
-    from prefopt.distributed import build_models
-    from prefopt.peft_support import AdapterOffReference
+    from prefopt.objectives.reference import AdapterOffReference
+    from prefopt.recipes import build_models
 
     class OneProcess:  # the Accelerator attributes build_models reads, without creating one
         mixed_precision, local_process_index, num_processes = "no", 0, 1
@@ -163,7 +163,7 @@ def test_inconsistent_scale_keys_fail_validation(keys, message):
 
 
 def test_lora_target_modules_parsing():
-    from prefopt.peft_support import target_modules
+    from prefopt.modeling.peft import target_modules
 
     assert target_modules(TrainConfig(lora_target_modules="all-linear")) == "all-linear"
     assert target_modules(TrainConfig(lora_target_modules=" q_proj, v_proj ,")) == ["q_proj", "v_proj"]

@@ -7,8 +7,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from prefopt.schedule import build_optimizer, fused_adamw_ok
-from prefopt.selective import ChunkedHeadLogps, _exp_shifted_, head_chunk_size
+from prefopt.modeling.lm_head import ChunkedHeadLogps, _exp_shifted_, head_chunk_size
+from prefopt.training.optim import build_optimizer, fused_adamw_ok
 
 
 def test_inplace_logsumexp_matches_torch_including_inf_rows():
@@ -167,7 +167,8 @@ def _batch(seed):
 
 
 def test_tied_gradient_in_place_equals_autograd_over_accumulated_backwards():
-    from prefopt.selective import IN_PLACE_GRAD, accumulate_tied_grad_in_place, target_token_logps
+    from prefopt.modeling.lm_head import IN_PLACE_GRAD, accumulate_tied_grad_in_place
+    from prefopt.modeling.logprobs import target_token_logps
 
     plain, fused = _tied_gpt2(), _tied_gpt2()
     handle = accumulate_tied_grad_in_place(fused)
@@ -194,8 +195,8 @@ def test_tied_gradient_in_place_equals_autograd_over_accumulated_backwards():
 
 
 def test_untied_or_frozen_heads_are_left_alone(tiny_llama):
-    from prefopt.modeling import load_causal_lm
-    from prefopt.selective import accumulate_tied_grad_in_place
+    from prefopt.modeling.lm_head import accumulate_tied_grad_in_place
+    from prefopt.modeling.load import load_causal_lm
 
     untied = load_causal_lm(str(tiny_llama))
     assert accumulate_tied_grad_in_place(untied) is None
@@ -209,9 +210,10 @@ def test_training_with_the_in_place_tied_gradient_matches_plain_autograd(tiny_gp
     """Same losses, gradient norms and final weights over steps with gradient accumulation."""
     from safetensors.torch import load_file
 
-    from prefopt import pipeline, train
+    from prefopt import recipes
     from prefopt.config import TrainConfig
-    from prefopt.metrics import read_metrics
+    from prefopt.training import trainer as train
+    from prefopt.training.metrics import read_metrics
 
     used = []
     real = train.in_place_grads
@@ -227,7 +229,7 @@ def test_training_with_the_in_place_tied_gradient_matches_plain_autograd(tiny_gp
                           max_steps=3, logging_steps=1, save_steps=0, learning_rate=1e-2, max_grad_norm=0.5,
                           per_device_train_batch_size=4, gradient_accumulation_steps=2, progress_bar=False,
                           report_to="none", max_length=32, max_prompt_length=16)
-        pipeline.train(cfg)
+        recipes.train(cfg)
         return read_metrics(out / "metrics.jsonl"), load_file(out / "model.safetensors")
 
     plain_rows, plain_w = run(tmp_path / "plain", False)

@@ -13,8 +13,8 @@ import torch
 from prefopt.config import TrainConfig
 from prefopt.data.tokenize import TokenizedPair
 from prefopt.errors import PrefoptError
-from prefopt.reference import (
-    CachedReference,
+from prefopt.objectives.reference import CachedReference
+from prefopt.objectives.reference_cache import (
     ReferenceCache,
     cache_key,
     model_fingerprint,
@@ -28,7 +28,7 @@ THROUGHPUT = {"tokens_per_second", "pairs_per_second"}
 
 
 def run_train(model, data, cache_dir, out, **overrides):
-    from prefopt.pipeline import train
+    from prefopt.recipes import train
 
     cfg = TrainConfig(
         model_name_or_path=str(model), dataset=str(data["train"]), eval_dataset=str(data["eval"]),
@@ -85,7 +85,7 @@ def test_logps_command_writes_the_cache_train_reads(tiny_gpt2, easy_data, tmp_pa
     assert table["index"].tolist() == [row["index"] for row in rows]
     assert table["chosen_logps"].tolist() == pytest.approx([row["chosen_logps"] for row in rows])
     # train with that model as reference finds the entry (the eval set is not cached yet)
-    from prefopt.pipeline import train
+    from prefopt.recipes import train
 
     cfg = TrainConfig(model_name_or_path=str(tiny_gpt2), dataset=str(easy_data["train"]),
                       output_dir=str(tmp_path / "run"), max_steps=1, precompute_ref_log_probs=True,
@@ -94,8 +94,8 @@ def test_logps_command_writes_the_cache_train_reads(tiny_gpt2, easy_data, tmp_pa
     from accelerate import Accelerator
 
     from prefopt.data.collate import PaddedPairCollator
-    from prefopt.modeling import load_tokenizer
-    from prefopt.pipeline import prepare_dataset
+    from prefopt.data.prepare import prepare_dataset
+    from prefopt.modeling.load import load_tokenizer
 
     pairs, _ = prepare_dataset(cfg, cfg.dataset, "train", load_tokenizer(str(tiny_gpt2)))
     tables, stats = precompute(cfg, [pairs], lambda: calls.append(1), PaddedPairCollator(0),

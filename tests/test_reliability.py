@@ -19,16 +19,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from prefopt.checkpoint import (
+from prefopt.cli.main import main
+from prefopt.toy import easy_preferences, write_jsonl
+from prefopt.training.checkpoint import (
     MANIFEST,
     is_complete,
     keep_metrics_until,
     latest_checkpoint,
     list_checkpoints,
 )
-from prefopt.cli import main
-from prefopt.metrics import read_metrics
-from prefopt.toy import easy_preferences, write_jsonl
+from prefopt.training.metrics import read_metrics
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
@@ -353,7 +353,7 @@ def test_resume_from_an_explicit_checkpoint_into_a_new_directory(tiny_llama, dat
 def test_resume_latest_without_a_checkpoint(tmp_path, capsys):
     from prefopt.config import TrainConfig
     from prefopt.errors import ConfigError
-    from prefopt.preflight import plan_run
+    from prefopt.training.preflight import plan_run
 
     out = tmp_path / "run"
     cfg = TrainConfig(model_name_or_path=str(tmp_path), dataset="d.jsonl", output_dir=str(out),

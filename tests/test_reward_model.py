@@ -10,25 +10,20 @@ import numpy as np
 import pytest
 import torch
 
-from prefopt.calibration import expected_calibration_error, preference_report, reliability_bins
 from prefopt.config import TrainConfig
+from prefopt.data.collate import RewardPairCollator, pad_sequences
 from prefopt.data.formats import load_pairs
 from prefopt.data.responses import ResponseItem, tokenize_responses
 from prefopt.data.tokenize import tokenize_pairs
-from prefopt.metrics import read_metrics
-from prefopt.modeling import load_tokenizer
-from prefopt.reward_losses import bt_loss
-from prefopt.reward_model import (
-    RewardObjective,
-    RewardPairCollator,
-    last_token_index,
-    load_reward_model,
-    pad_sequences,
-    reward_model_scorer,
-    score_sequences,
-    train_reward_model,
-)
+from prefopt.evaluation.calibration import expected_calibration_error, preference_report, reliability_bins
+from prefopt.evaluation.scorers import reward_model_scorer
+from prefopt.losses.bradley_terry import bt_loss
+from prefopt.modeling.load import load_tokenizer
+from prefopt.modeling.reward_model import last_token_index, load_reward_model, score_sequences
+from prefopt.objectives.reward import RewardObjective
+from prefopt.recipes import train_reward_model
 from prefopt.toy import build_tiny_model, easy_preferences, write_jsonl
+from prefopt.training.metrics import read_metrics
 
 # ------------------------------------------------------------------------------------------------
 # The loss
@@ -234,7 +229,7 @@ def test_reward_score_feeds_odpo_training(trained_rm, cli, tiny_llama):
     # At step 1 the policy equals the reference (h = 0), so each pair's loss is
     # -log sigmoid(-alpha * log(s_w - s_l)) = log(1 + (s_w - s_l)) with alpha = 1: the reward model's
     # scores are the offsets. The first batch is the schedule's first 4 kept pairs (drop policy).
-    from prefopt.train import Schedule
+    from prefopt.training.data_order import Schedule
 
     kept = [r for r in rows if r["score_chosen"] > r["score_rejected"]]
     first = Schedule(len(kept), 4, 1, 1, seed=42, shuffle=True).step_micro_batches(0)[0]
@@ -244,7 +239,7 @@ def test_reward_score_feeds_odpo_training(trained_rm, cli, tiny_llama):
 
 
 def test_reward_eval_reports_accuracy_and_calibration(trained_rm, tmp_path):
-    from prefopt.reward_score import ModelRewarder, evaluate_rewarder
+    from prefopt.evaluation.rewarders import ModelRewarder, evaluate_rewarder
 
     cfg = TrainConfig(dataset=str(trained_rm["held_out"]), max_length=32, max_prompt_length=16, progress_bar=False)
     rewarder = ModelRewarder(str(trained_rm["dir"]), batch_size=8, progress=False)
@@ -260,7 +255,7 @@ def test_reward_eval_reports_accuracy_and_calibration(trained_rm, tmp_path):
 
 
 def test_rated_rows_get_one_score_per_response(trained_rm, tmp_path):
-    from prefopt.reward_score import ModelRewarder, score_dataset
+    from prefopt.evaluation.rewarders import ModelRewarder, score_dataset
 
     rows = [{"prompt": "the movie was", "responses": ["good great", "bad awful", "nice", "dull", ""], "id": 1},
             {"prompt": "it is", "responses": ["boring", "wonderful superb"], "id": 2}]
@@ -306,7 +301,7 @@ def test_implicit_reward_equals_beta_times_logp_difference(cli, tiny_llama, easy
 
 
 def test_reward_cli_errors_are_one_line(capsys, tiny_llama, easy_data, tmp_path):
-    from prefopt.cli import main
+    from prefopt.cli.main import main
 
     base = ["--dataset", str(easy_data["eval"])]
     unscored = write_jsonl(tmp_path / "unscored.jsonl", easy_preferences(4, scores=False))
@@ -326,7 +321,7 @@ def test_reward_cli_errors_are_one_line(capsys, tiny_llama, easy_data, tmp_path)
 
 
 def test_implicit_format_rows_are_scored_on_their_full_texts(trained_rm, tmp_path):
-    from prefopt.reward_score import ModelRewarder, score_dataset
+    from prefopt.evaluation.rewarders import ModelRewarder, score_dataset
 
     rows = [{"chosen": "the movie was good great", "rejected": "the movie was bad", "note": "x"},
             {"chosen": "it is wonderful", "rejected": "it is dull boring", "note": "y"}]
@@ -363,7 +358,7 @@ def test_reward_training_resumes_exactly(tiny_gpt2, easy_data, tmp_path):
 
 def test_reward_model_directory_is_a_scorer_for_eval(trained_rm, tiny_llama):
     from prefopt.errors import PrefoptError
-    from prefopt.scorers import load_scorer
+    from prefopt.evaluation.scorers import load_scorer
 
     texts = ["the movie was wonderful lovely", "the film is awful boring"]
     scorer = load_scorer(str(trained_rm["dir"]))

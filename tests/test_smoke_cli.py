@@ -1,4 +1,4 @@
-from prefopt.metrics import read_metrics
+from prefopt.training.metrics import read_metrics
 
 
 def test_train_cli_runs_and_writes_outputs(cli, tiny_llama, easy_data, tmp_path):

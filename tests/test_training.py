@@ -7,7 +7,7 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM
 
-from prefopt.metrics import read_metrics
+from prefopt.training.metrics import read_metrics
 
 COMMON = ["--max_steps", "20", "--logging_steps", "1", "--learning_rate", "2e-3", "--beta", "0.5",
           "--per_device_train_batch_size", "8", "--save_steps", "10", "--eval_steps", "10",
@@ -87,8 +87,8 @@ def test_logps_command_matches_training_tokenization(cli, tiny_llama, easy_data,
     from prefopt.data.collate import PaddedPairCollator
     from prefopt.data.formats import load_pairs
     from prefopt.data.tokenize import tokenize_pairs
-    from prefopt.logprobs import pair_logps
-    from prefopt.modeling import load_tokenizer
+    from prefopt.modeling.load import load_tokenizer
+    from prefopt.modeling.logprobs import pair_logps
 
     out = tmp_path / "logps.jsonl"
     res = cli("logps", "--model", tiny_llama, "--dataset", easy_data["eval"], "--output", out, "--batch_size", "5")

@@ -20,6 +20,7 @@ from typing import Any
 import yaml
 
 from prefopt.errors import ConfigError
+from prefopt.losses.combine import LossOptions
 
 
 def opt(default: Any, help: str, choices: tuple | None = None, group: str = "training") -> Any:
@@ -90,7 +91,7 @@ class TrainConfig:
     label_smoothing: float = opt(
         0.0, "Label smoothing epsilon in [0, 0.5): cDPO, robust, exo_pair, aot.", group="objective"
     )
-    # --- the preference-loss family (issue 9) ---
+    # --- the preference-loss family ---
     loss_weights: list[float] | None = opt(
         None, "Weights of the losses listed in loss_type (default: 1 each), e.g. 1.0,0.5.", group="objective"
     )
@@ -137,7 +138,7 @@ class TrainConfig:
     num_train_epochs: float = opt(1.0, "Passes over the data when max_steps is -1.")
     shuffle: bool = opt(True, "Shuffle training pairs every epoch (seeded).")
     seed: int = opt(42, "Seed for initialisation, shuffling and dropout.")
-    # --- performance (issue 6) ---
+    # --- performance ---
     layout: str = opt(
         "auto",
         "Batch layout: plain (two padded prompt+response rows per pair), prefix_shared (one "
@@ -171,7 +172,7 @@ class TrainConfig:
         choices=("auto", "tensorboard", "none"), group="output",
     )
     progress_bar: bool = opt(True, "Show a progress bar on the terminal.", group="output")
-    # --- reliability: resume, checkpoints, output directory, NaN guard (issue 8) ---
+    # --- reliability: resume, checkpoints, output directory, NaN guard ---
     resume_from_checkpoint: str | None = opt(
         None, "Resume from this checkpoint directory, or `latest`: the newest complete one in output_dir "
         "(`--resume` is short for latest).", group="output",
@@ -190,14 +191,14 @@ class TrainConfig:
         choices=("stop", "skip"),
     )
     max_skipped_steps: int = opt(10, "With on_nonfinite: skip, stop anyway after this many skipped steps.")
-    # --- reward model (issue 5) ---
+    # --- reward model ---
     margin_from_scores: bool = opt(
         False,
         "Reward model: BT margin m = margin_scale * max(score_chosen - score_rejected, 0) inside the sigmoid.",
         group="reward model",
     )
     margin_scale: float = opt(1.0, "Reward model: factor on the score difference in the margin.", group="reward model")
-    # --- scale-out: precision, memory savers, LoRA/QLoRA (issue 7) ---
+    # --- scale-out: precision, memory savers, LoRA/QLoRA ---
     bf16: bool = opt(False, "bf16 mixed precision (autocast through Accelerate).", group="scale")
     fp16: bool = opt(False, "fp16 mixed precision with dynamic loss scaling (GPU only).", group="scale")
     torch_dtype: str = opt(
@@ -221,28 +222,14 @@ class TrainConfig:
         False, "With use_peft: also write the merged model (base + adapter) to OUTPUT_DIR/merged.", group="scale"
     )
 
-    def validate(self) -> TrainConfig:
-        from prefopt.losses import LOSSES
-
-        if not self.model_name_or_path:
+    def validate(self, *, require_paths: bool = True) -> TrainConfig:
+        """Check every key and their combinations; ``ConfigError`` names the key. With
+        ``require_paths=False`` the model and dataset may come as Python objects instead of paths."""
+        if require_paths and not self.model_name_or_path:
             raise ConfigError("model_name_or_path is required")
-        if not self.dataset:
+        if require_paths and not self.dataset:
             raise ConfigError("dataset is required")
-        from prefopt.losses import parse_loss_types, validate_loss_options
-
-        for name in parse_loss_types(self.loss_type):
-            if name not in LOSSES:
-                raise ConfigError(_unknown("loss_type value", name, LOSSES))
-        if not (self.beta > 0 and math.isfinite(self.beta)):
-            raise ConfigError(f"beta must be > 0, got {self.beta}")
-        if not 0.0 <= self.label_smoothing < 0.5:
-            raise ConfigError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
-        validate_loss_options(
-            self.loss_type, loss_weights=self.loss_weights, use_offset=self.use_offset,
-            target_margin=self.target_margin, label_smoothing=self.label_smoothing,
-            use_weighting=self.use_weighting, ld_alpha=self.ld_alpha, rpo_alpha=self.rpo_alpha,
-            discopop_tau=self.discopop_tau,
-        )
+        self.loss_options()
         if self.max_length < 2:
             raise ConfigError(f"max_length must be at least 2, got {self.max_length}")
         if self.max_prompt_length is not None and self.max_prompt_length >= self.max_length:
@@ -270,7 +257,20 @@ class TrainConfig:
             raise ConfigError("LoRA needs lora_r >= 1, lora_alpha > 0 and lora_dropout in [0, 1)")
         if (self.load_in_4bit or self.merge_adapter_on_save) and not self.use_peft:
             raise ConfigError("load_in_4bit and merge_adapter_on_save need use_peft: true")
+        if not (math.isfinite(self.margin_scale) and self.margin_scale >= 0):
+            raise ConfigError(f"margin_scale must be >= 0, got {self.margin_scale}")
         return self
+
+    def loss_options(self) -> LossOptions:
+        """The validated loss options these keys describe (built once per run, held by the objective)."""
+        return LossOptions.create(
+            self.loss_type, loss_weights=self.loss_weights, beta=self.beta, alpha=self.alpha,
+            label_smoothing=self.label_smoothing, offset_scaling=self.offset_scaling,
+            on_nonpositive=self.nonpositive_score_diff, use_offset=self.use_offset,
+            target_margin=self.target_margin, reference_free=self.reference_free,
+            length_normalize=self.length_normalize, rpo_alpha=self.rpo_alpha, discopop_tau=self.discopop_tau,
+            ld_alpha=self.ld_alpha, use_weighting=self.use_weighting,
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -284,7 +284,7 @@ def config_fields(cls) -> dict[str, dataclasses.Field]:
     return {f.name: f for f in dataclasses.fields(cls)}
 
 
-def _unknown(what: str, name: str, valid) -> str:
+def unknown_message(what: str, name: str, valid) -> str:
     hint = difflib.get_close_matches(name, list(valid), n=1)
     return f"unknown {what} {name!r}" + (f"; did you mean {hint[0]!r}?" if hint else "")
 
@@ -397,7 +397,7 @@ def build_config(cls, yaml_path: str | Path | None = None, overrides: dict[str, 
     for where, mapping in sources:
         for key, value in mapping.items():
             if key not in known:
-                raise ConfigError(f"{where}: " + _unknown("config key", str(key), known))
+                raise ConfigError(f"{where}: " + unknown_message("config key", str(key), known))
             try:
                 values[key] = coerce_value(cls, key, value)
             except ConfigError as e:

@@ -11,8 +11,9 @@ class PrefoptError(Exception):
     """A problem with the user's input (data, configuration, paths), not with prefopt."""
 
 
-class ConfigError(PrefoptError):
-    """An unknown, mistyped or inconsistent configuration key or value."""
+class ConfigError(PrefoptError, ValueError):
+    """An unknown, mistyped or inconsistent configuration key or value (also a ``ValueError``, so
+    the functional API's bad arguments can be caught as such)."""
 
 
 class DataError(PrefoptError):

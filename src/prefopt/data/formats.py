@@ -61,14 +61,18 @@ class LoadStats:
 
 
 def load_pairs(
-    spec: str,
+    spec,
     *,
     split: str = "train",
     fmt: str = "auto",
     columns: Columns | None = None,
     tokenizer: Any = None,
 ) -> tuple[list[PreferencePair], LoadStats]:
-    """Read a dataset and return its preference pairs in input order, plus what was dropped."""
+    """Read a dataset and return its preference pairs in input order, plus what was dropped.
+
+    ``spec``: a file (.jsonl/.json/.parquet/.csv), a ``save_to_disk`` directory, a hub id, or rows
+    in memory (a list of dicts, a ``datasets.Dataset``). Bad rows raise ``DataError`` naming the
+    source, the row and the field."""
     raw = read_rows(spec, split)
     return rows_to_pairs(raw, fmt=fmt, columns=columns or Columns(), tokenizer=tokenizer)
 

@@ -17,10 +17,13 @@ several pairs into each row, first-fit decreasing, so the rows carry (almost) no
 
 from __future__ import annotations
 
+import random
+
 import torch
 
-from prefopt.data.collate import target_batch
+from prefopt.data.collate import PaddedPairCollator, target_batch
 from prefopt.data.tokenize import TokenizedPair
+from prefopt.errors import ConfigError
 
 PROMPT, CHOSEN, REJECTED, PAD = 0, 1, 2, 3
 
@@ -141,7 +144,6 @@ def _row_cost(length: int, hidden: int) -> float:
 def estimate_costs(pairs: list[TokenizedPair], batch_size: int, hidden: int, *, samples: int = 64,
                    seed: int = 0, row_tokens: int = 0) -> dict[str, float]:
     """Mean estimated cost of one batch in each layout, over random batches of the data."""
-    import random
 
     rng = random.Random(seed)
     costs = dict.fromkeys(LAYOUTS, 0.0)
@@ -165,15 +167,13 @@ def estimate_costs(pairs: list[TokenizedPair], batch_size: int, hidden: int, *, 
     return {k: v / samples for k, v in costs.items()}
 
 
-def choose_layout(requested: str, pairs: list[TokenizedPair], batch_size: int, model=None,
-                  row_tokens: int = 0) -> str:
+def choose_layout(requested: str, pairs: list[TokenizedPair], batch_size: int, *, attn_impl: str = "sdpa",
+                  hidden_size: int = 1024, row_tokens: int = 0) -> str:
     """``requested`` itself, or for ``auto`` the layout with the lowest estimated cost (a layout
-    must save at least 5% over a simpler one to be chosen). Models whose attention cannot take a
-    custom 4D mask always get ``plain``."""
-    from prefopt.errors import ConfigError
-    from prefopt.selective import attn_implementation
-
-    impl = attn_implementation(model) if model is not None else "sdpa"
+    must save at least 5% over a simpler one to be chosen). Models whose attention implementation
+    (``attn_impl``) cannot take a custom 4D mask always get ``plain``. ``hidden_size`` is the
+    model's, for the cost model (``modeling.attention.model_layout`` reads both from a model)."""
+    impl = attn_impl
     if requested != "auto":
         if requested not in LAYOUTS:
             raise ConfigError(f"layout must be auto or one of {', '.join(LAYOUTS)}; got {requested!r}")
@@ -185,9 +185,7 @@ def choose_layout(requested: str, pairs: list[TokenizedPair], batch_size: int, m
         return requested
     if impl not in MASKABLE_ATTENTION or not pairs:
         return "plain"
-    config = getattr(model, "config", None)
-    hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd", None) or 1024
-    costs = estimate_costs(pairs, batch_size, int(hidden), row_tokens=row_tokens)
+    costs = estimate_costs(pairs, batch_size, int(hidden_size), row_tokens=row_tokens)
     best = "plain"
     for layout in LAYOUTS[1:]:
         if costs[layout] < 0.95 * costs[best]:
@@ -196,8 +194,6 @@ def choose_layout(requested: str, pairs: list[TokenizedPair], batch_size: int, m
 
 
 def make_collator(layout: str, pad_token_id: int, row_tokens: int = 0):
-    from prefopt.data.collate import PaddedPairCollator
-
     if layout == "plain":
         return PaddedPairCollator(pad_token_id)
     if layout == "prefix_shared":

@@ -30,7 +30,15 @@ class RawRows:
         return len(self.rows)
 
 
-def read_rows(spec: str, split: str = "train") -> RawRows:
+IN_MEMORY = "<in-memory dataset>"
+
+
+def read_rows(spec, split: str = "train") -> RawRows:
+    """The rows of a dataset: a file, a ``save_to_disk`` directory, a hub id, or rows already in
+    memory (a list of dicts, a ``datasets.Dataset`` or ``DatasetDict``), numbered from 1."""
+    if not isinstance(spec, str | Path):
+        return _read_in_memory(spec, split)
+    spec = str(spec)
     path = Path(spec)
     if path.is_dir():
         return _read_saved_dataset(spec, path, split)
@@ -152,11 +160,34 @@ def _plain(row: dict[str, Any]) -> dict[str, Any]:
     return {k: (v if not (isinstance(v, float) and math.isnan(v)) else float("nan")) for k, v in row.items()}
 
 
+def _datasets():
+    import datasets  # heavy to import (pyarrow, fsspec): only when a dataset object or directory is read
+
+    return datasets
+
+
+def _read_in_memory(data, split: str) -> RawRows:
+    datasets = _datasets()
+
+    if isinstance(data, datasets.DatasetDict):
+        if split not in data:
+            raise PrefoptError(f"{IN_MEMORY}: no split {split!r}; it has {', '.join(data.keys())}")
+        data = data[split]
+    if isinstance(data, datasets.Dataset):
+        return RawRows(IN_MEMORY, "row", [(i, dict(r)) for i, r in enumerate(data, start=1)])
+    if isinstance(data, list | tuple):
+        rows = []
+        for i, row in enumerate(data, start=1):
+            if not isinstance(row, dict):
+                raise DataError(IN_MEMORY, i, None, f"expected a dict of columns, got {type(row).__name__}")
+            rows.append((i, dict(row)))
+        return RawRows(IN_MEMORY, "row", rows)
+    raise PrefoptError(f"cannot read a dataset from a {type(data).__name__}: give a path, a list of dicts "
+                       "or a datasets.Dataset")
+
+
 def _read_saved_dataset(spec: str, path: Path, split: str) -> RawRows:
-    try:
-        import datasets
-    except ImportError:  # pragma: no cover - datasets is a dependency
-        raise PrefoptError("reading a dataset directory needs the `datasets` package") from None
+    datasets = _datasets()
     try:
         ds = datasets.load_from_disk(str(path))
     except Exception as e:
@@ -169,7 +200,7 @@ def _read_saved_dataset(spec: str, path: Path, split: str) -> RawRows:
 
 
 def _read_hub_dataset(spec: str, split: str) -> RawRows:
-    import datasets
+    datasets = _datasets()
 
     try:
         ds = datasets.load_dataset(spec, split=split)

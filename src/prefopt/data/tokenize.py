@@ -45,7 +45,7 @@ class SpecialTokens:
     a completion: the one rule shared by pair and single-response tokenization."""
 
     def __init__(self, tokenizer):
-        self.bos = tokenizer.bos_token_id if _adds_bos(tokenizer) else None
+        self.bos = tokenizer.bos_token_id if adds_bos(tokenizer) else None
         self.eos = tokenizer.eos_token_id
 
     def prompt(self, ids: list[int], templated: bool) -> list[int]:
@@ -59,7 +59,7 @@ class SpecialTokens:
         return ids
 
 
-def _adds_bos(tokenizer) -> bool:
+def adds_bos(tokenizer) -> bool:
     bos = tokenizer.bos_token_id
     if bos is None:
         return False

@@ -13,6 +13,11 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from prefopt.config import TrainConfig
+from prefopt.evaluation.rewarders import ModelRewarder, evaluate_rewarder, score_dataset
+from prefopt.recipes import train_reward_model
+from prefopt.toy import write_jsonl
+
 
 def reward_model_stage(rm_dir: Path, sft_dir: Path, files: dict[str, Path], scored: dict[str, Path], *,
                        settings, progress: bool) -> dict[str, Any]:
@@ -25,9 +30,6 @@ def reward_model_stage(rm_dir: Path, sft_dir: Path, files: dict[str, Path], scor
     that separates ODPO's filtering from its offsets.
 
     Returns the numbers of the report's ``reward_model`` section."""
-    from prefopt.config import TrainConfig
-    from prefopt.reward_model import train_reward_model
-    from prefopt.reward_score import ModelRewarder, evaluate_rewarder, score_dataset
 
     s = settings
     shutil.rmtree(rm_dir, ignore_errors=True)  # metrics.jsonl appends: start clean
@@ -48,7 +50,6 @@ def reward_model_stage(rm_dir: Path, sft_dir: Path, files: dict[str, Path], scor
                                  scored["train"])
     score_dataset(dataclasses.replace(cfg, dataset=str(files["heldout"])), rewarder, scored["heldout"])
     disagrees, disagrees_flipped, flipped = _disagreements(files["train"], scored["train"])
-    from prefopt.toy import write_jsonl
 
     write_jsonl(scored["train_agreed"], [{k: r[k] for k in ("prompt", "chosen", "rejected")}
                                          for r in _read_jsonl(scored["train"])

@@ -19,11 +19,26 @@ Seeds are fixed everywhere, so a rerun on the same machine writes the same repor
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+import torch
+
+from prefopt.config import TrainConfig
+from prefopt.demo import world
+from prefopt.demo.labels import sample_bt_labels
+from prefopt.demo.rm import reward_model_stage
+from prefopt.demo.sft import build_sft_model, train_sft
+from prefopt.evaluation.plots import plot_frontier, plot_training_curves
+from prefopt.evaluation.policy import evaluate_policy, sample_and_score
+from prefopt.evaluation.scorers import load_scorer
+from prefopt.modeling.load import load_causal_lm, load_tokenizer
+from prefopt.recipes import train
+from prefopt.toy import word_tokenizer, write_jsonl
 
 SCORER = "prefopt.demo.world:sentiment_score"
 
@@ -85,17 +100,6 @@ def _stage(n: int, total: int, text: str) -> None:
 
 def run_demo(output_dir: str | Path, *, quick: bool = False, progress: bool = True) -> dict[str, Any]:
     """Run every stage and write the report files into ``output_dir``; return report.json's content."""
-    import torch
-
-    from prefopt.demo import world
-    from prefopt.demo.labels import sample_bt_labels
-    from prefopt.demo.rm import reward_model_stage
-    from prefopt.demo.sft import build_sft_model, train_sft
-    from prefopt.evaluate import evaluate_policy, sample_and_score
-    from prefopt.modeling import load_causal_lm, load_tokenizer
-    from prefopt.scorers import load_scorer
-    from prefopt.toy import word_tokenizer, write_jsonl
-
     settings = QUICK if quick else FULL
     s = settings
     out = Path(output_dir)
@@ -196,7 +200,6 @@ def run_demo(output_dir: str | Path, *, quick: bool = False, progress: bool = Tr
                        "reward_model": rm_report, "runs": entries})
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / "report.md").write_text(report_markdown(report))
-    from prefopt.plots import plot_frontier, plot_training_curves
 
     plot_frontier(entries, out / "frontier.png", title="Toy controlled sentiment: reward vs KL from SFT")
     plot_training_curves({name: run_dir / "metrics.jsonl" for name, _, _, run_dir in run_dirs},
@@ -209,11 +212,6 @@ def run_demo(output_dir: str | Path, *, quick: bool = False, progress: bool = Tr
 def _train_run(run_dir: Path, sft_dir: Path, train_file: Path, eval_file: Path, *, loss_type: str, beta: float,
                settings: DemoSettings, progress: bool) -> None:
     """One preference run through the exact code of ``prefopt train``."""
-    import shutil
-
-    from prefopt.config import TrainConfig
-    from prefopt.pipeline import train
-
     shutil.rmtree(run_dir, ignore_errors=True)  # metrics.jsonl appends: start clean
     cfg = TrainConfig(
         model_name_or_path=str(sft_dir), dataset=str(train_file), eval_dataset=str(eval_file),

@@ -10,16 +10,17 @@ import random
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM
+
+from prefopt.evaluation.policy import encode_prompts
+from prefopt.toy import tiny_llama_config
 
 
 def train_sft(model, tokenizer, texts: list[str], *, steps: int, batch_size: int, learning_rate: float,
               seed: int, progress: bool = True) -> list[float]:
     """Train ``model`` in place on ``texts`` (each encoded as BOS text EOS) with AdamW and a
     linearly decaying learning rate. Returns the loss of every step."""
-    from tqdm.auto import tqdm
-
-    from prefopt.evaluate import encode_prompts
-
     ids = [[*t, tokenizer.eos_token_id] for t in encode_prompts(tokenizer, texts)]
     rng = random.Random(seed)
     torch.manual_seed(seed)
@@ -57,10 +58,6 @@ def train_sft(model, tokenizer, texts: list[str], *, steps: int, batch_size: int
 
 def build_sft_model(directory: str | Path, tokenizer, *, seed: int, hidden_size: int, layers: int):
     """A fresh tiny Llama for the demo's vocabulary (built from a config, nothing downloaded)."""
-    from transformers import AutoModelForCausalLM
-
-    from prefopt.toy import tiny_llama_config
-
     config = tiny_llama_config(
         len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=layers,
         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64,

@@ -1,0 +1,326 @@
+"""Evaluation of a policy against its reference: samples, ground-truth reward, KL, win rate,
+preference accuracy (MATH.md section 6).
+
+- ``sample``: completions drawn with ``model.generate`` (pure ancestral sampling: temperature 1, no
+  top-k / top-p, so the samples follow the policy's own distribution, which the KL estimate needs).
+- ``sample_logps``: the summed log-prob of each sampled completion under any model, through the
+  training code's own collator and ``modeling.logprobs.pair_logps`` (the KL is measured with exactly the
+  log-probs DPO's implicit reward uses).
+- ``kl_estimates``: ``mean(log pi(y|x) - log pi_ref(y|x))`` over ``y ~ pi`` (the papers' sequence
+  KL) and the k3 estimator ``mean(r - 1 - log r)``, ``r = pi_ref(y|x) / pi(y|x)``, which is never
+  negative per sample.
+- ``preference_accuracy``: share of held-out pairs whose implicit reward orders them right.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from prefopt.config import TrainConfig
+from prefopt.data.collate import PaddedPairCollator, to_device
+from prefopt.data.prepare import prepare_dataset
+from prefopt.data.sources import read_rows
+from prefopt.data.tokenize import TokenizedPair, adds_bos
+from prefopt.errors import DataError, PrefoptError
+from prefopt.evaluation.plots import frontier_entries, plot_frontier
+from prefopt.evaluation.rewarders import implicit_rewards
+from prefopt.evaluation.scorers import load_scorer
+from prefopt.io import write_text_atomic
+from prefopt.modeling.load import load_causal_lm, load_tokenizer
+from prefopt.modeling.logprobs import pair_logps
+
+
+@dataclass(frozen=True)
+class Sample:
+    prompt_index: int  # which prompt
+    sample_index: int  # which of its samples (0 .. num_samples-1)
+    prompt_ids: list[int]
+    completion_ids: list[int]  # generated tokens, up to and including EOS when one was generated
+
+
+def encode_prompts(tokenizer, prompts: Sequence[str]) -> list[list[int]]:
+    """Prompt token ids exactly as training tokenizes them (``data.tokenize``): no special tokens,
+    then BOS in front when the tokenizer adds one."""
+    ids = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
+    bos = tokenizer.bos_token_id if adds_bos(tokenizer) else None
+    if bos is not None:
+        ids = [p if p and p[0] == bos else [bos, *p] for p in ids]
+    return [list(p) for p in ids]
+
+
+@torch.no_grad()
+def sample(
+    model,
+    prompt_ids: list[list[int]],
+    *,
+    num_samples: int,
+    max_new_tokens: int,
+    pad_token_id: int,
+    eos_token_id: int | None,
+    seed: int = 0,
+    batch_size: int = 64,
+    device=None,
+    progress: bool = False,
+    desc: str = "sample",
+) -> list[Sample]:
+    """``num_samples`` completions per prompt, in (prompt, sample) order. Seeded: the same model,
+    prompts and seed give the same samples."""
+    from tqdm.auto import tqdm
+
+    device = device or next(model.parameters()).device
+    model.eval()
+    jobs = [(i, k) for i in range(len(prompt_ids)) for k in range(num_samples)]
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    out: list[Sample] = []
+    try:
+        for start in tqdm(range(0, len(jobs), batch_size), desc=desc, unit="batch", disable=not progress):
+            chunk = jobs[start : start + batch_size]
+            prompts = [prompt_ids[i] for i, _ in chunk]
+            width = max(len(p) for p in prompts)
+            # Left padding: every prompt ends at the same column, where generation starts.
+            input_ids = torch.full((len(chunk), width), pad_token_id, dtype=torch.long)
+            attention_mask = torch.zeros((len(chunk), width), dtype=torch.long)
+            for r, p in enumerate(prompts):
+                input_ids[r, width - len(p) :] = torch.tensor(p)
+                attention_mask[r, width - len(p) :] = 1
+            generated = model.generate(
+                input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=max_new_tokens,
+                pad_token_id=pad_token_id, eos_token_id=eos_token_id,
+            )[:, width:].tolist()
+            for (i, k), p, tokens in zip(chunk, prompts, generated):
+                if eos_token_id is not None and eos_token_id in tokens:
+                    tokens = tokens[: tokens.index(eos_token_id) + 1]
+                out.append(Sample(i, k, p, tokens))
+    finally:
+        torch.random.set_rng_state(generator_state)
+    return out
+
+
+@torch.no_grad()
+def sample_logps(model, samples: list[Sample], *, pad_token_id: int, batch_size: int = 64, device=None) -> torch.Tensor:
+    """``log model(y|x)`` summed over the completion tokens of every sample: ``[N]`` float32.
+
+    Samples of the same prompt are paired up and scored with the training collator, whose pairs
+    share a prompt; an odd one out is paired with itself.
+    """
+    device = device or next(model.parameters()).device
+    model.eval()
+    by_prompt: dict[int, list[int]] = {}
+    for n, s in enumerate(samples):
+        by_prompt.setdefault(s.prompt_index, []).append(n)
+    slots: list[tuple[int, int]] = []
+    for members in by_prompt.values():
+        for j in range(0, len(members), 2):
+            a = members[j]
+            slots.append((a, members[j + 1] if j + 1 < len(members) else a))
+    collator = PaddedPairCollator(pad_token_id)
+    out = torch.zeros(len(samples), dtype=torch.float32)
+    for start in range(0, len(slots), batch_size):
+        chunk = slots[start : start + batch_size]
+        pairs = [TokenizedPair(samples[a].prompt_ids, samples[a].completion_ids, samples[b].completion_ids,
+                               None, None, k) for k, (a, b) in enumerate(chunk)]
+        logps = pair_logps(model, to_device(collator(pairs), device))
+        for (a, b), la, lb in zip(chunk, logps["chosen_logps"].tolist(), logps["rejected_logps"].tolist()):
+            out[a], out[b] = la, lb
+    return out
+
+
+def kl_estimates(policy_logps: torch.Tensor, ref_logps: torch.Tensor) -> dict[str, float]:
+    """Sequence KL(pi || pi_ref) from samples ``y ~ pi``: ``[N]`` log-probs under each model.
+
+    ``kl`` = mean(log pi - log pi_ref) (unbiased, can be negative on few samples), ``kl_k3`` =
+    mean(r - 1 - log r) with ``r = pi_ref / pi`` (unbiased, every term >= 0), ``kl_stderr`` the
+    standard error of ``kl``.
+    """
+    log_ratio = policy_logps.double() - ref_logps.double()
+    n = log_ratio.numel()
+    k3 = torch.expm1(-log_ratio) + log_ratio
+    stderr = float(log_ratio.std(unbiased=True) / math.sqrt(n)) if n > 1 else float("nan")
+    return {"kl": float(log_ratio.mean()), "kl_k3": float(k3.mean()), "kl_stderr": stderr}
+
+
+def win_rate(policy_scores: Sequence[float], ref_scores: Sequence[float]) -> float:
+    """Share of policy samples that beat the reference's sample for the same prompt and sample
+    index (ties count half)."""
+    if len(policy_scores) != len(ref_scores) or not policy_scores:
+        raise ValueError("win_rate needs two equally long, non-empty score lists")
+    wins = sum(1.0 if p > r else 0.5 if p == r else 0.0 for p, r in zip(policy_scores, ref_scores))
+    return wins / len(policy_scores)
+
+
+def full_texts(tokenizer, prompts: Sequence[str], samples: list[Sample]) -> tuple[list[str], list[str]]:
+    """(completion texts, prompt + " " + completion texts) of the samples, special tokens removed."""
+    completions = [tokenizer.decode(s.completion_ids, skip_special_tokens=True).strip() for s in samples]
+    texts = [f"{prompts[s.prompt_index]} {c}".strip() for s, c in zip(samples, completions)]
+    return completions, texts
+
+
+def preference_accuracy(policy, ref, pairs_file: str, tokenizer, *, beta: float, batch_size: int = 32,
+                        max_length: int = 1024, device=None) -> dict[str, float]:
+    """Implicit-reward accuracy on a pair file (any format ``prefopt train`` reads): the share of
+    pairs with ``beta*(log pi(y_w)-log ref(y_w)) > beta*(log pi(y_l)-log ref(y_l))``, and the mean
+    margin. Tokenized exactly as training tokenizes."""
+    # Training's defaults for everything but the lengths (scoring needs no prompt cut).
+    cfg = TrainConfig(dataset=pairs_file, max_length=max_length, max_prompt_length=None)
+    pairs, _ = prepare_dataset(cfg, pairs_file, "train", tokenizer)
+    device = device or next(policy.parameters()).device
+    chosen, rejected = implicit_rewards(policy, ref, pairs, PaddedPairCollator(tokenizer.pad_token_id), beta=beta,
+                                        batch_size=batch_size, device=device)
+    margins = [c - r for c, r in zip(chosen, rejected)]
+    return {"accuracy": sum(m > 0 for m in margins) / len(margins),
+            "reward_margin": sum(margins) / len(margins), "num_pairs": len(margins)}
+
+
+@dataclass
+class SampleSet:
+    """One model's samples on the evaluation prompts, their texts and scores."""
+
+    samples: list[Sample]
+    completions: list[str]
+    scores: list[float]
+
+    @property
+    def mean_score(self) -> float:
+        return sum(self.scores) / len(self.scores)
+
+    @property
+    def mean_length(self) -> float:
+        return sum(len(s.completion_ids) for s in self.samples) / len(self.samples)
+
+
+def sample_and_score(model, tokenizer, prompts: Sequence[str], scorer: Callable[[list[str]], list[float]], *,
+                     num_samples: int, max_new_tokens: int, seed: int, batch_size: int = 64,
+                     progress: bool = False, desc: str = "sample") -> SampleSet:
+    ids = encode_prompts(tokenizer, prompts)
+    samples = sample(model, ids, num_samples=num_samples, max_new_tokens=max_new_tokens,
+                     pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, seed=seed,
+                     batch_size=batch_size, progress=progress, desc=desc)
+    completions, texts = full_texts(tokenizer, prompts, samples)
+    return SampleSet(samples, completions, scorer(texts))
+
+
+def evaluate_policy(policy, ref, tokenizer, prompts: Sequence[str], scorer, *, ref_set: SampleSet,
+                    num_samples: int, max_new_tokens: int, seed: int, batch_size: int = 64,
+                    pairs_file: str | None = None, beta: float | None = None, progress: bool = False,
+                    desc: str = "sample", num_examples: int = 3) -> dict[str, Any]:
+    """Every number of ``prefopt eval`` for one policy. ``ref_set`` holds the reference's own
+    samples (for the win rate and the reference's reward), drawn once for all policies."""
+    pol_set = sample_and_score(policy, tokenizer, prompts, scorer, num_samples=num_samples,
+                               max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size,
+                               progress=progress, desc=desc)
+    pad = tokenizer.pad_token_id
+    pol_logps = sample_logps(policy, pol_set.samples, pad_token_id=pad, batch_size=batch_size)
+    ref_logps = sample_logps(ref, pol_set.samples, pad_token_id=pad, batch_size=batch_size)
+    result: dict[str, Any] = {
+        "reward": pol_set.mean_score,
+        "reward_ref": ref_set.mean_score,
+        **kl_estimates(pol_logps, ref_logps),
+        "win_rate": win_rate(pol_set.scores, ref_set.scores),
+        "mean_length": pol_set.mean_length,
+        "num_prompts": len(prompts),
+        "num_samples": num_samples,
+        "max_new_tokens": max_new_tokens,
+        "seed": seed,
+    }
+    if pairs_file is not None:
+        if beta is None:
+            raise PrefoptError("preference accuracy on a pair file needs --beta")
+        result.update(preference_accuracy(policy, ref, pairs_file, tokenizer, beta=beta,
+                                          batch_size=batch_size))
+    result["examples"] = [{"prompt": prompts[s.prompt_index], "completion": c, "score": sc}
+                          for s, c, sc in list(zip(pol_set.samples, pol_set.completions, pol_set.scores))
+                          [:num_examples]]
+    return result
+
+
+def read_prompts(path: str) -> list[str]:
+    """Prompts from a ``.txt`` file (one per non-empty line) or any table ``prefopt train`` reads
+    (a ``prompt`` column)."""
+    p = Path(path)
+    if p.suffix.lower() == ".txt":
+        if not p.is_file():
+            raise PrefoptError(f"prompts file not found: {path}")
+        prompts = [line.strip() for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+    else:
+        raw = read_rows(path)
+        prompts = []
+        for row_no, row in raw:
+            value = row.get("prompt")
+            if not isinstance(value, str) or not value.strip():
+                raise DataError(raw.source, row_no, "prompt", "missing or not a non-empty string", raw.row_label)
+            prompts.append(value)
+    if not prompts:
+        raise PrefoptError(f"{path}: no prompts")
+    return prompts
+
+
+def run_config(model_dir: str) -> dict[str, Any]:
+    """``method``, ``beta``, ``alpha`` of a model trained by ``prefopt train`` (its config.yaml),
+    or an empty dict for any other model."""
+    path = Path(model_dir) / "config.yaml"
+    if not path.is_file():
+        return {}
+    try:
+        cfg = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError:
+        return {}
+    if not isinstance(cfg, dict) or "loss_type" not in cfg:
+        return {}
+    out = {"method": cfg["loss_type"], "beta": cfg.get("beta")}
+    offset = cfg["loss_type"] == "odpo" or bool(cfg.get("use_offset"))  # use_offset: any loss + ODPO's offset
+    out["alpha"] = cfg.get("alpha") if offset else None
+    return out
+
+
+def run_eval(models: list[str], ref: str, *, prompts: str, scorer: str, num_samples: int = 4,
+             max_new_tokens: int = 64, output_dir: str = "eval", pairs: str | None = None,
+             beta: float | None = None, batch_size: int = 32, seed: int = 0) -> list[dict[str, Any]]:
+    """``prefopt eval``: evaluate each policy against ``ref``; write ``eval_<name>.json`` per policy
+    and ``frontier.png`` into ``output_dir``. The policies' tokenizer is used for all models."""
+    if num_samples < 1 or max_new_tokens < 1 or batch_size < 1:
+        raise PrefoptError("--num_samples, --max_new_tokens and --batch_size must be at least 1")
+    score = load_scorer(scorer)
+    prompt_list = read_prompts(prompts)
+    tokenizer = load_tokenizer(models[0])
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    ref_model = load_causal_lm(ref).to(device)
+    common = dict(num_samples=num_samples, max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size)
+    ref_set = sample_and_score(ref_model, tokenizer, prompt_list, score, progress=True, desc="ref samples", **common)
+    out_dir = Path(output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results, written, names = [], [], set()
+    for model_path in models:
+        info = run_config(model_path)
+        model_beta = beta if beta is not None else info.get("beta")
+        policy = load_causal_lm(model_path).to(device)
+        result = evaluate_policy(policy, ref_model, tokenizer, prompt_list, score, ref_set=ref_set,
+                                 pairs_file=pairs, beta=model_beta, progress=True,
+                                 desc=f"{Path(model_path).name} samples", **common)
+        name = Path(model_path).resolve().name
+        while name in names:
+            name += "_"
+        names.add(name)
+        result = {"name": name, "model": model_path, "ref": ref, "scorer": scorer, "method": info.get("method"),
+                  "beta": model_beta, "alpha": info.get("alpha"), **result}
+        path = out_dir / f"eval_{name}.json"
+        write_text_atomic(path, json.dumps(result, indent=2) + "\n")
+        written.append(path)
+        results.append(result)
+        acc = f", accuracy {result['accuracy']:.3f}" if "accuracy" in result else ""
+        print(f"prefopt: {name}: reward {result['reward']:.4f} (ref {result['reward_ref']:.4f}), "
+              f"KL {result['kl']:.4f} (k3 {result['kl_k3']:.4f}), win rate {result['win_rate']:.3f}{acc}",
+              file=sys.stderr)
+    plot_frontier(frontier_entries(written), out_dir / "frontier.png")
+    print(f"prefopt: wrote {len(written)} eval files and {out_dir / 'frontier.png'}", file=sys.stderr)
+    return results

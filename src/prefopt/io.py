@@ -1,0 +1,46 @@
+"""Atomic file writing: a file prefopt writes is either the old one or the whole new one.
+
+Every writer goes through ``atomic_path``: the data is written to a temporary file beside the
+target (same directory, so the rename stays on one file system), flushed to disk, then renamed over
+the target. A crash or a full disk never leaves half a file under the final name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path to write; on success it is fsynced and renamed to ``path``, on an
+    exception it is removed and ``path`` is untouched."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        yield tmp
+        with tmp.open("rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_bytes_atomic(path: str | Path, data: bytes) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    return write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def write_jsonl_atomic(path: str | Path, rows: Iterable[dict], **dumps_kwargs) -> Path:
+    """One JSON object per line."""
+    return write_text_atomic(path, "".join(json.dumps(row, **dumps_kwargs) + "\n" for row in rows))

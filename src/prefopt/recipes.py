@@ -1,0 +1,294 @@
+"""What each command does, from a config to a result: ``train`` (DPO, ODPO and the whole loss
+family), ``train_reward_model`` (Bradley–Terry), ``logps`` and ``validate_datasets``.
+
+Both trainings share one path (``_run``): the output-directory plan, the accelerator (precision,
+compile, engine checks and their refusals), data preparation, the run directory, the one
+``Trainer``, restore-then-train. They differ only in the model, the collator and the objective.
+Models and data may be given as paths in the config or as Python objects (a loaded model, a
+tokenizer, a list of dicts or a ``datasets.Dataset``), which is what the public API
+(``prefopt.train``) passes on.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate.utils import set_seed
+
+from prefopt.config import TrainConfig, save_config
+from prefopt.data.collate import RewardPairCollator
+from prefopt.data.formats import Columns, load_pairs
+from prefopt.data.prepare import apply_score_policy, prepare_dataset, prepare_train_eval, summary_line
+from prefopt.errors import ConfigError
+from prefopt.io import write_jsonl_atomic, write_text_atomic
+from prefopt.losses.combine import LossOptions
+from prefopt.memory import return_freed_memory
+from prefopt.modeling.attention import model_collator
+from prefopt.modeling.load import finish_loading, freeze, frozen_copy, load_causal_lm, load_tokenizer
+from prefopt.modeling.logprobs import score_pairs
+from prefopt.modeling.peft import add_lora, merge_adapter, quantization_config
+from prefopt.modeling.reward_model import ScalarRewardModel, load_reward_model
+from prefopt.objectives.preference import PreferenceObjective
+from prefopt.objectives.reference import AdapterOffReference, AutocastReference, LiveReference
+from prefopt.objectives.reference_cache import cached_reference, store_rows
+from prefopt.objectives.reward import RewardObjective, check_margin_scores
+from prefopt.training.checkpoint import restore
+from prefopt.training.distributed import build_accelerator, engine_of, load_dtype, prepare_reference
+from prefopt.training.preflight import RunPlan, check_model_paths, plan_run, prepare_output_dir
+from prefopt.training.trainer import Trainer
+
+# ------------------------------------------------------------------------------------------------
+# Pieces shared by the commands
+
+
+def _check_sources(cfg: TrainConfig, *, model, tokenizer, train_dataset) -> None:
+    """Everything a run needs is given, as a path in the config or as an object."""
+    if model is None and not cfg.model_name_or_path:
+        raise ConfigError("model_name_or_path is required (or pass a loaded model)")
+    if train_dataset is None and not cfg.dataset:
+        raise ConfigError("dataset is required (or pass the training rows)")
+    if tokenizer is None and not (cfg.tokenizer_name_or_path or cfg.model_name_or_path):
+        raise ConfigError("a model given as an object needs its tokenizer: pass tokenizer=... or set "
+                          "tokenizer_name_or_path")
+    if model is not None and cfg.merge_adapter_on_save and not cfg.model_name_or_path:
+        raise ConfigError("merge_adapter_on_save merges from the base model's files: set model_name_or_path")
+
+
+def _start(cfg: TrainConfig, *, model, tokenizer, train_dataset) -> tuple[RunPlan, Any, Any]:
+    """Check every setting and path, then build the accelerator: before any data is read or any
+    file written. Returns the plan, the accelerator and the tokenizer."""
+    cfg.validate(require_paths=False)
+    _check_sources(cfg, model=model, tokenizer=tokenizer, train_dataset=train_dataset)
+    plan = plan_run(cfg)  # output_dir rule, model paths, checkpoint to resume
+    if cfg.return_freed_memory:
+        return_freed_memory()  # lower peak RSS on CPU (memory.py)
+    accelerator = build_accelerator(cfg)  # engine, mixed precision, torch.compile, and their refusals
+    set_seed(cfg.seed)
+    if tokenizer is None:
+        tokenizer = load_tokenizer(cfg.tokenizer_name_or_path or cfg.model_name_or_path)
+    return plan, accelerator, tokenizer
+
+
+def print_summaries(summaries: dict, accelerator) -> None:
+    if accelerator.is_main_process:
+        for role, s in summaries.items():
+            print(f"prefopt: {summary_line(role, s)}", file=sys.stderr)
+
+
+def start_output_dir(cfg: TrainConfig, plan: RunPlan, summaries: dict, accelerator) -> Path:
+    """Clear an old run if allowed (every input is checked by now), then write the resolved config
+    and the data summary. Main process only."""
+    output_dir = Path(cfg.output_dir)
+    if accelerator.is_main_process:
+        prepare_output_dir(cfg, plan)
+        save_config(cfg, output_dir / "config.yaml")
+        write_text_atomic(output_dir / "data_summary.json", json.dumps(summaries, indent=2) + "\n")
+    return output_dir
+
+
+def _run(cfg: TrainConfig, plan: RunPlan, accelerator, *, model, train_pairs, eval_pairs, collator, objective,
+         summaries: dict, save_model: Callable) -> dict[str, Any]:
+    """The one run: the run directory, the ``Trainer``, restore the planned checkpoint, train."""
+    start_output_dir(cfg, plan, summaries, accelerator)
+    trainer = Trainer(cfg, model=model, train_data=train_pairs, eval_data=eval_pairs, collator=collator,
+                      objective=objective, save_model=save_model, accelerator=accelerator)
+    if plan.resume_from is not None:
+        restore(trainer, plan.resume_from)
+    return trainer.train()
+
+
+def build_models(cfg: TrainConfig, accelerator, options: LossOptions, *, live_reference: bool = True,
+                 model=None, ref_model=None):
+    """The policy to train and the ``reference(batch, *, per_token)`` callable, for every
+    combination of engine, precision and adapter:
+
+    - a reference model (``ref_model_name_or_path`` or ``ref_model``): that model, frozen, placed by
+      ``prepare_reference``;
+    - ``use_peft``: the policy's base weights with the adapter off (no second copy);
+    - otherwise: a frozen copy of the initial policy, placed by ``prepare_reference``.
+
+    ``model``/``ref_model`` are models given as objects (then used in place of the paths).
+    """
+    dtype = load_dtype(cfg)
+    extra = {}
+    quant = quantization_config(cfg) if cfg.use_peft else None
+    if quant is not None:
+        extra = {"quantization_config": quant, "device_map": {"": accelerator.local_process_index}}
+
+    def load(name_or_path: str, **kwargs):
+        return load_causal_lm(name_or_path, disable_dropout_=cfg.disable_dropout, dtype=dtype,
+                              fused_activations=cfg.fused_activations, **kwargs)
+
+    def given(obj):
+        return finish_loading(obj, disable_dropout_=cfg.disable_dropout, fused_activations=cfg.fused_activations)
+
+    policy = given(model) if model is not None else load(cfg.model_name_or_path, **extra)
+    needs_reference = live_reference and options.needs_reference
+    if not needs_reference:
+        reference = None  # reference-free losses (SimPO and the like) or a precomputed reference
+    elif ref_model is not None:
+        reference = LiveReference(prepare_reference(freeze(given(ref_model)), accelerator))
+    elif cfg.ref_model_name_or_path:
+        reference = LiveReference(prepare_reference(load(cfg.ref_model_name_or_path), accelerator))
+    elif cfg.use_peft:
+        reference = None  # set below, once the adapter exists
+    elif engine_of(accelerator) == "deepspeed" and model is None:
+        # A deepcopy of a DeepSpeed-loaded policy shares its ZeRO bookkeeping (under ZeRO-3 the
+        # reference forward then finds `NOT_AVAILABLE` parameters): load a second copy instead.
+        reference = LiveReference(prepare_reference(load(cfg.model_name_or_path), accelerator))
+    else:
+        reference = LiveReference(prepare_reference(frozen_copy(policy), accelerator))
+    _enable_gradient_checkpointing(cfg, policy)
+    if cfg.use_peft:
+        policy = add_lora(policy, cfg)
+        if reference is None and needs_reference:
+            reference = AdapterOffReference(policy)
+    if reference is not None and accelerator.mixed_precision != "no":
+        reference = AutocastReference(reference, accelerator)
+    return policy, reference
+
+
+def _enable_gradient_checkpointing(cfg: TrainConfig, model) -> None:
+    if cfg.gradient_checkpointing:
+        # Non-reentrant checkpointing needs no input grads, so it also works with frozen embeddings (LoRA).
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+
+
+# ------------------------------------------------------------------------------------------------
+# The commands
+
+
+def train(cfg: TrainConfig, *, model=None, tokenizer=None, ref_model=None, train_dataset=None,
+          eval_dataset=None) -> dict[str, Any]:
+    """``prefopt train``: DPO/ODPO/... on ``cfg``. Returns the last logged metrics (and the eval
+    metrics of the end of training); the model, tokenizer, config and metrics land in ``output_dir``.
+
+    ``model``, ``tokenizer``, ``ref_model``: objects instead of ``model_name_or_path``,
+    ``tokenizer_name_or_path``, ``ref_model_name_or_path`` (the model is trained in place).
+    ``train_dataset``, ``eval_dataset``: rows in memory (a list of dicts or a ``datasets.Dataset``)
+    instead of ``dataset``, ``eval_dataset``; the same formats and checks as files."""
+    plan, accelerator, tokenizer = _start(cfg, model=model, tokenizer=tokenizer, train_dataset=train_dataset)
+    options = cfg.loss_options()
+    train_pairs, eval_pairs, summaries = prepare_train_eval(cfg, tokenizer, train_data=train_dataset,
+                                                            eval_data=eval_dataset)
+    print_summaries(summaries, accelerator)
+
+    # A precomputed reference replaces the live one: no second model is held for it.
+    precompute = cfg.precompute_ref_log_probs and options.needs_reference
+    policy, reference = build_models(cfg, accelerator, options, live_reference=not precompute, model=model,
+                                     ref_model=ref_model)
+    collator = model_collator(cfg.layout, train_pairs, cfg.per_device_train_batch_size, policy,
+                              tokenizer.pad_token_id, cfg.pack_row_tokens)
+    if precompute:
+        reference, eval_pairs = cached_reference(cfg, policy, train_pairs, eval_pairs, collator, accelerator,
+                                                 ref_model=ref_model, per_token=options.reference_per_token)
+
+    def save_model(model, directory: Path, **kwargs) -> None:
+        model.save_pretrained(directory, **kwargs)  # a PEFT model writes only its adapter
+        tokenizer.save_pretrained(directory)
+
+    final = _run(cfg, plan, accelerator, model=policy, train_pairs=train_pairs, eval_pairs=eval_pairs,
+                 collator=collator, objective=PreferenceObjective(options, reference), summaries=summaries,
+                 save_model=save_model)
+    if cfg.use_peft and cfg.merge_adapter_on_save:
+        # From the saved adapter files, on one process: the same for every engine.
+        output_dir = Path(cfg.output_dir)
+        if accelerator.is_main_process:
+            merged = merge_adapter(cfg.model_name_or_path, output_dir, output_dir / "merged", dtype=load_dtype(cfg))
+            tokenizer.save_pretrained(merged)
+        accelerator.wait_for_everyone()
+    return final
+
+
+def train_reward_model(cfg: TrainConfig, *, model=None, tokenizer=None, train_dataset=None,
+                       eval_dataset=None) -> dict[str, Any]:
+    """``prefopt reward train``: a Bradley–Terry reward model on ``cfg`` (the same keys as DPO
+    training). Returns the last logged metrics; the model, tokenizer, config and metrics land in
+    ``output_dir``. ``model`` is a ``ScalarRewardModel`` or a ``*ForSequenceClassification`` with
+    one output, given as an object; the other keywords are as for ``train``."""
+    if cfg.use_peft:
+        raise ConfigError("use_peft is not supported for reward models: train the full model (use_peft: false)")
+    plan, accelerator, tokenizer = _start(cfg, model=model, tokenizer=tokenizer, train_dataset=train_dataset)
+    # ODPO's score policy does not apply: a reward model learns from every labelled pair.
+    train_pairs, eval_pairs, summaries = prepare_train_eval(cfg, tokenizer, train_data=train_dataset,
+                                                            eval_data=eval_dataset, score_policy=False)
+    negative = check_margin_scores(train_pairs, cfg, summaries["train"]["source"])
+    if eval_pairs is not None:
+        check_margin_scores(eval_pairs, cfg, summaries["eval"]["source"])
+    print_summaries(summaries, accelerator)
+    if negative and accelerator.is_main_process:
+        print(f"prefopt: train: {negative} pairs have score_chosen < score_rejected; their margin is 0",
+              file=sys.stderr)
+    summaries["margin_clamped_to_zero"] = negative
+
+    if model is None:
+        model = load_reward_model(cfg.model_name_or_path, pad_token_id=tokenizer.pad_token_id,
+                                  disable_dropout_=cfg.disable_dropout, fused_activations=cfg.fused_activations,
+                                  dtype=load_dtype(cfg))
+    elif not isinstance(model, ScalarRewardModel):
+        model = ScalarRewardModel(finish_loading(model, disable_dropout_=cfg.disable_dropout,
+                                                 fused_activations=cfg.fused_activations))
+    _enable_gradient_checkpointing(cfg, model.hf)
+
+    def save_model(wrapper: ScalarRewardModel, directory: Path, **kwargs) -> None:
+        wrapper.hf.save_pretrained(directory, **kwargs)
+        tokenizer.save_pretrained(directory)
+
+    objective = RewardObjective(margin_from_scores=cfg.margin_from_scores, margin_scale=cfg.margin_scale)
+    return _run(cfg, plan, accelerator, model=model, train_pairs=train_pairs, eval_pairs=eval_pairs,
+                collator=RewardPairCollator(tokenizer.pad_token_id), objective=objective, summaries=summaries,
+                save_model=save_model)
+
+
+def logps(cfg: TrainConfig, output: str, batch_size: int = 8) -> int:
+    """``prefopt logps``: per-pair log-probs of ``cfg.model_name_or_path`` with training's
+    tokenization; also stored as the reference log-prob cache entry ``train`` would look up."""
+    if not cfg.model_name_or_path or not cfg.dataset:
+        raise ConfigError("prefopt logps needs --model and --dataset")
+    tokenizer = load_tokenizer(cfg.tokenizer_name_or_path or cfg.model_name_or_path)
+    pairs, summary = prepare_dataset(cfg, cfg.dataset, cfg.dataset_split, tokenizer)
+    print(f"prefopt: {summary_line('logps', summary)}", file=sys.stderr)
+    model = load_causal_lm(cfg.model_name_or_path, disable_dropout_=True, fused_activations=cfg.fused_activations)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device)
+    collator = model_collator(cfg.layout, pairs, batch_size, model, tokenizer.pad_token_id, cfg.pack_row_tokens)
+    rows = score_pairs(model, pairs, collator, batch_size=batch_size, device=device)
+    write_jsonl_atomic(output, rows)
+    print(f"prefopt: wrote {len(rows)} pairs to {output}", file=sys.stderr)
+    cached = store_rows(cfg, cfg.model_name_or_path, pairs, rows)
+    print(f"prefopt: reference log-prob cache entry {cached}", file=sys.stderr)
+    return len(rows)
+
+
+def validate_datasets(cfg: TrainConfig) -> dict[str, dict[str, Any]]:
+    """``prefopt validate``: read, check and (with a tokenizer) tokenize the datasets exactly as
+    training would, without loading a model. Summaries per role (``train``, ``eval``), as saved in
+    a run's ``data_summary.json``; the first bad row stops it with the error training would give."""
+    if not cfg.dataset:
+        raise ConfigError("prefopt validate needs --dataset")
+    cfg.validate(require_paths=False)  # the same key checks as training; a model is not needed to read data
+    tokenizer_name = cfg.tokenizer_name_or_path or cfg.model_name_or_path
+    tokenizer = None
+    if tokenizer_name:
+        check_model_paths(cfg)
+        tokenizer = load_tokenizer(tokenizer_name)
+    summaries = {}
+    for role, spec, split in (("train", cfg.dataset, cfg.dataset_split),
+                              ("eval", cfg.eval_dataset, cfg.eval_dataset_split)):
+        if not spec:
+            continue
+        if tokenizer is not None:
+            summaries[role] = prepare_dataset(cfg, spec, split, tokenizer)[1]
+            continue
+        pairs, stats = load_pairs(spec, split=split, fmt=cfg.dataset_format, columns=Columns.from_config(cfg))
+        pairs, nonpositive = apply_score_policy(pairs, cfg)
+        summaries[role] = {**stats.as_dict(), "nonpositive_score_diff": nonpositive,
+                           "nonpositive_policy": cfg.nonpositive_score_diff if nonpositive else None,
+                           "tokenization": None, "pairs_after_scores": len(pairs)}
+    return summaries

@@ -1,0 +1,289 @@
+"""Checkpoints: atomic writing, discovery, exact restore, pruning, and the metrics file on resume.
+
+A checkpoint is ``OUTPUT/checkpoint-STEP/``, written as ``OUTPUT/.tmp-checkpoint-STEP/`` and renamed
+into place, so a directory named ``checkpoint-*`` is complete. It holds:
+
+- the model, as the run saves it (``save_pretrained``: weights, config, tokenizer);
+- ``training_state.pt``: step, optimizer, scheduler, the metrics window not yet logged, skip count;
+- ``rng_state_RANK.pt``: Python, NumPy, torch and CUDA generator states, one file per process;
+- ``checkpoint.json``: a manifest (step, file sizes) written last and checked on discovery, which
+  also catches a checkpoint damaged after the rename (a truncated copy, a half-finished delete).
+
+The data order is a pure function of ``(seed, epoch)`` (``data_order.Schedule``), so restoring the step
+restores the position in the data. Assumptions for several processes: every process sees the same
+``output_dir`` (a shared file system), and the optimizer state is replicated (plain DDP), so the main
+process saves it once; sharded optimizers (FSDP, ZeRO) would need one optimizer file per rank.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+
+from prefopt.errors import PrefoptError
+from prefopt.io import write_text_atomic
+
+STATE_FILE = "training_state.pt"
+MANIFEST = "checkpoint.json"
+TMP_PREFIX = ".tmp-"
+_NAME = re.compile(r"^checkpoint-(\d+)$")
+KILL_ENV = "PREFOPT_TEST_KILL"
+
+
+# ------------------------------------------------------------------------------------------ discovery
+def checkpoint_step(path: Path) -> int | None:
+    m = _NAME.match(path.name)
+    return int(m.group(1)) if m else None
+
+
+def is_complete(path: Path) -> bool:
+    """A checkpoint directory whose manifest exists and whose files all have the recorded sizes."""
+    try:
+        manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
+        return all((path / name).stat().st_size == size for name, size in manifest["files"].items())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
+
+
+def list_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Complete checkpoints in ``output_dir``, oldest first. ``.tmp-*`` directories never count."""
+    d = Path(output_dir)
+    if not d.is_dir():
+        return []
+    found = [(checkpoint_step(p), p) for p in d.iterdir() if p.is_dir() and checkpoint_step(p) is not None]
+    return [p for _, p in sorted(found) if is_complete(p)]
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    found = list_checkpoints(output_dir)
+    return found[-1] if found else None
+
+
+# ------------------------------------------------------------------------------------------ saving
+def rng_state() -> dict[str, Any]:
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        # as plain lists so that the file loads with torch.load(weights_only=True)
+        "numpy": [kind, keys.tolist(), pos, has_gauss, cached],
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(_tuples(state["python"]))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _tuples(x):
+    return tuple(_tuples(v) for v in x) if isinstance(x, list | tuple) else x
+
+
+def write_manifest(directory: Path, step: int) -> None:
+    files = {
+        str(p.relative_to(directory)): p.stat().st_size
+        for p in sorted(directory.rglob("*")) if p.is_file() and p.name != MANIFEST
+    }
+    fsync_tree(directory)
+    path = directory / MANIFEST
+    with path.open("w", encoding="utf-8") as fh:
+        json.dump({"step": step, "files": files}, fh, indent=1)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def fsync_tree(directory: Path) -> None:
+    for path in directory.rglob("*"):
+        if path.is_file():
+            with path.open("rb") as fh:
+                os.fsync(fh.fileno())
+
+
+def replace_dir(tmp_dir: Path, final_dir: Path) -> None:
+    """Rename ``tmp_dir`` to ``final_dir``. An existing ``final_dir`` is first renamed aside, so at
+    no moment does a partly deleted directory carry a checkpoint's name."""
+    old = None
+    if final_dir.exists():
+        old = final_dir.with_name(f"{TMP_PREFIX}old-{final_dir.name}")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final_dir, old)
+    os.replace(tmp_dir, final_dir)
+    _fsync_parent(final_dir)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _fsync_parent(path: Path) -> None:
+    try:
+        fd = os.open(path.parent, os.O_RDONLY)
+    except OSError:  # pragma: no cover - e.g. platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)
+
+
+def remove_dir(path: Path) -> None:
+    """Delete a checkpoint: renamed to ``.tmp-*`` first, so a kill mid-delete leaves no remnant that
+    looks like a checkpoint."""
+    doomed = path.with_name(f"{TMP_PREFIX}del-{path.name}")
+    shutil.rmtree(doomed, ignore_errors=True)
+    os.replace(path, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+def prune_checkpoints(output_dir: str | Path, keep: int | None) -> list[Path]:
+    """Delete all but the newest ``keep`` complete checkpoints; returns the ones deleted."""
+    if keep is None or keep <= 0:
+        return []
+    found = list_checkpoints(output_dir)
+    doomed = found[:-keep]
+    for path in doomed:
+        remove_dir(path)
+    return doomed
+
+
+def clean_temporaries(output_dir: str | Path) -> None:
+    """Remove what a killed save or delete left behind (``.tmp-*`` directories)."""
+    d = Path(output_dir)
+    if d.is_dir():
+        for p in d.iterdir():
+            if p.is_dir() and p.name.startswith(TMP_PREFIX):
+                shutil.rmtree(p, ignore_errors=True)
+
+
+def save(trainer) -> Path:
+    """Write ``checkpoint-STEP/`` for ``trainer`` atomically; every process writes its RNG state,
+    the main process the rest. Then keep only the newest ``save_total_limit`` checkpoints."""
+    acc, step = trainer.accelerator, trainer.step
+    final_dir = trainer.output_dir / f"checkpoint-{step}"
+    tmp_dir = trainer.output_dir / f"{TMP_PREFIX}checkpoint-{step}"
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        tmp_dir.mkdir(parents=True)
+    acc.wait_for_everyone()
+    torch.save(rng_state(), tmp_dir / f"rng_state_{acc.process_index}.pt")
+    state_dict = trainer.gather_model_state()  # a collective under FSDP / ZeRO-3: every process calls it
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        trainer.save_model(tmp_dir, state_dict)
+        torch.save(trainer.state_dict(), tmp_dir / STATE_FILE)
+        test_hook("save", step)
+        write_manifest(tmp_dir, step)
+        replace_dir(tmp_dir, final_dir)
+        prune_checkpoints(trainer.output_dir, trainer.cfg.save_total_limit)
+    acc.wait_for_everyone()
+    return final_dir
+
+
+def test_hook(point: str, step: int) -> None:
+    """Crash tests only: ``PREFOPT_TEST_KILL=step:K`` kills this process with SIGKILL after step K,
+    ``save:K`` in the middle of writing checkpoint K. Never set in normal use."""
+    if os.environ.get(KILL_ENV) == f"{point}:{step}":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+# ------------------------------------------------------------------------------------------ restoring
+def load_model_weights(model: torch.nn.Module, directory: Path) -> None:
+    """Copy the weights saved in ``directory`` into ``model`` in place (bit-exact)."""
+    adapter = directory / "adapter_model.safetensors"
+    if adapter.exists() and hasattr(model, "peft_config"):
+        from peft import set_peft_model_state_dict  # optional: only a LoRA run has an adapter
+
+        set_peft_model_state_dict(model, load_file(str(adapter)))
+        return
+    files = sorted(p for p in directory.glob("*.safetensors") if p.name != adapter.name)
+    if not files:
+        raise PrefoptError(f"{directory}: no model weights (*.safetensors) in the checkpoint")
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        state.update(load_file(str(f)))
+    current = model.state_dict()
+    unexpected = [k for k in state if k not in current]
+    if unexpected:
+        raise PrefoptError(f"{directory}: the checkpoint's weights do not fit this model (e.g. {unexpected[0]!r})")
+    with torch.no_grad():
+        loaded_ptrs = set()
+        for k, v in state.items():
+            current[k].copy_(v)
+            loaded_ptrs.add(current[k].data_ptr())
+    # Tied weights (lm_head = embeddings) are saved once; they were filled through their twin.
+    missing = [k for k in current if k not in state and current[k].data_ptr() not in loaded_ptrs]
+    if missing:
+        raise PrefoptError(f"{directory}: the checkpoint lacks weights of this model (e.g. {missing[0]!r})")
+
+
+def read_training_state(directory: Path) -> dict[str, Any]:
+    return torch.load(directory / STATE_FILE, map_location="cpu", weights_only=True)
+
+
+def read_rng_state(directory: Path, rank: int) -> dict[str, Any] | None:
+    path = directory / f"rng_state_{rank}.pt"
+    if not path.exists():
+        return None
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def keep_metrics_until(source: Path, target: Path, step: int) -> int:
+    """Write the rows of ``source`` (a metrics.jsonl) with ``step <= step`` to ``target``,
+    atomically; a half-written last line (a kill during a write) is dropped. Returns rows kept."""
+    rows = []
+    if source.exists():
+        lines = source.read_text(encoding="utf-8").splitlines()
+        for i, line in enumerate(lines):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                if i == len(lines) - 1:
+                    break  # torn last line
+                raise PrefoptError(f"{source}, line {i + 1}: malformed metrics row") from None
+            if int(row.get("step", 0)) <= step:
+                rows.append(line)
+    write_text_atomic(target, "".join(r + "\n" for r in rows))
+    return len(rows)
+
+
+def restore(trainer, directory: str | Path) -> int:
+    """Put ``trainer`` back in the state it had right after saving ``directory``: model weights,
+    optimizer, scheduler, RNG, step, the unlogged metrics window; cut the metrics file to match.
+    Returns the step."""
+    directory = Path(directory)
+    acc = trainer.accelerator
+    state = read_training_state(directory)
+    load_model_weights(trainer.unwrapped_model(), directory)
+    trainer.load_state_dict(state)
+    saved_procs = int(state.get("num_processes", acc.num_processes))
+    rng = read_rng_state(directory, acc.process_index) or read_rng_state(directory, 0)
+    if rng is not None:
+        set_rng_state(rng)
+    if saved_procs != acc.num_processes and acc.is_main_process:
+        print(f"prefopt: warning: {directory} was written by {saved_procs} processes, resuming with "
+              f"{acc.num_processes}: the data order differs from the interrupted run", file=sys.stderr)
+    if acc.is_main_process:
+        clean_temporaries(trainer.output_dir)
+        keep_metrics_until(directory.parent / "metrics.jsonl", trainer.output_dir / "metrics.jsonl", trainer.step)
+        trainer.logger.purge_after(trainer.step)
+    acc.wait_for_everyone()
+    return trainer.step

@@ -1,0 +1,187 @@
+"""Scale-out plumbing around Accelerate: the Accelerator a config asks for, a check that the engine
+the launcher requested (DDP, FSDP2, DeepSpeed) is the one actually running, and placing the frozen
+reference model correctly for each engine.
+
+The training loop itself (trainer.py) shards the data and scales the loss; nothing here changes the
+mathematics, only where tensors live.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedType
+
+from prefopt.errors import ConfigError
+from prefopt.modeling.peft import quantization_config
+
+# What `accelerate launch --config_file X.yaml` puts in the environment of every process.
+_ENGINE_ENV = {"fsdp": "ACCELERATE_USE_FSDP", "deepspeed": "ACCELERATE_USE_DEEPSPEED"}
+
+
+def requested_engine() -> str | None:
+    """``"fsdp"``, ``"deepspeed"`` or ``None`` (plain DDP / one process), from the launcher's env."""
+    for engine, var in _ENGINE_ENV.items():
+        if os.environ.get(var, "false").lower() in ("1", "true", "yes"):
+            return engine
+    return None
+
+
+def mixed_precision(cfg) -> str:
+    return "bf16" if cfg.bf16 else "fp16" if cfg.fp16 else "no"
+
+
+def load_dtype(cfg) -> torch.dtype | None:
+    """The dtype to load weights in (``None``: transformers' ``auto``, the checkpoint's own dtype)."""
+    return {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[
+        cfg.torch_dtype
+    ]
+
+
+def build_accelerator(cfg):
+    """The run's Accelerator: CPU when there is no GPU, mixed precision and torch.compile from the
+    config, and an error (not a silent fallback) when the requested engine is not the one running."""
+    on_gpu = torch.cuda.is_available()
+    if cfg.fp16 and not on_gpu:
+        raise ConfigError("fp16 mixed precision needs a CUDA GPU (its loss scaler is CUDA-only); on CPU use bf16")
+    if cfg.use_peft and cfg.load_in_4bit:
+        quantization_config(cfg)  # fail before any data is read when QLoRA cannot run here
+    kwargs = {"cpu": not on_gpu}
+    if mixed_precision(cfg) != "no":  # else the launcher's setting (accelerate config) stands
+        kwargs["mixed_precision"] = mixed_precision(cfg)
+    if cfg.torch_compile:
+        kwargs["dynamo_backend"] = "inductor"
+    try:
+        accelerator = Accelerator(**kwargs)
+    except ImportError as e:  # e.g. a DeepSpeed config without the deepspeed package
+        raise ConfigError(f"the Accelerate launch config needs a missing package: {e}") from None
+    check_engine(accelerator)
+    if engine_of(accelerator) == "deepspeed":
+        configure_deepspeed(accelerator, cfg)
+    return accelerator
+
+
+def engine_of(accelerator) -> str:
+    """``"fsdp2"``, ``"fsdp1"``, ``"deepspeed"``, ``"ddp"`` or ``"single"``."""
+    kind = accelerator.distributed_type
+    if kind == DistributedType.FSDP:
+        return "fsdp2" if accelerator.is_fsdp2 else "fsdp1"
+    if kind == DistributedType.DEEPSPEED:
+        return "deepspeed"
+    return "ddp" if accelerator.num_processes > 1 else "single"
+
+
+def check_engine(accelerator) -> None:
+    """Accelerate falls back to plain (CPU) data parallelism when FSDP or DeepSpeed cannot run,
+    e.g. on a machine without GPUs. A user who asked for sharding must not get a replicated run
+    silently, so that is an error here."""
+    wanted, running = requested_engine(), engine_of(accelerator)
+    if wanted == "fsdp" and running == "fsdp1":
+        raise ConfigError("prefopt supports FSDP2 only: set fsdp_version: 2 in the Accelerate config")
+    if wanted == "fsdp" and running != "fsdp2" or wanted == "deepspeed" and running != "deepspeed":
+        raise ConfigError(
+            f"the launcher asked for {wanted} but Accelerate is running {running} "
+            f"({accelerator.num_processes} process(es) on {accelerator.device}); "
+            f"{wanted} through Accelerate needs CUDA GPUs"
+        )
+
+
+def configure_deepspeed(accelerator, cfg) -> None:
+    """Fill the DeepSpeed config's ``auto`` values from prefopt's keys.
+
+    prefopt owns accumulation: it pre-scales each micro-batch loss by ``P / global_pairs`` and
+    marks the accumulation boundary itself, so DeepSpeed's own ``gradient_accumulation_steps``
+    must be 1 (a larger value would divide the loss a second time).
+    """
+    ds = accelerator.state.deepspeed_plugin.deepspeed_config
+
+    def fill(key: str, value) -> None:
+        if ds.get(key, "auto") == "auto":
+            ds[key] = value
+
+    if ds.get("gradient_accumulation_steps", "auto") not in ("auto", 1):
+        raise ConfigError(
+            "set gradient_accumulation_steps in the DeepSpeed config to auto (or 1) and use prefopt's "
+            "gradient_accumulation_steps key instead"
+        )
+    if "optimizer" in ds or "scheduler" in ds:
+        raise ConfigError("remove the optimizer/scheduler blocks from the DeepSpeed config: prefopt builds its own")
+    ds["gradient_accumulation_steps"] = 1
+    fill("train_micro_batch_size_per_gpu", cfg.per_device_train_batch_size)
+    fill("train_batch_size", cfg.per_device_train_batch_size * accelerator.num_processes)
+    fill("gradient_clipping", cfg.max_grad_norm)
+    if accelerator.state.deepspeed_plugin.zero_stage == 3:
+        # prefopt always writes one full model: ZeRO-3 must gather the shards when saving.
+        ds.setdefault("zero_optimization", {})["stage3_gather_16bit_weights_on_model_save"] = True
+
+
+def is_sharded(accelerator) -> bool:
+    """True when no single process holds the full weights (FSDP, DeepSpeed ZeRO-3), so saving the
+    model needs every process to take part in gathering the state dict."""
+    engine = engine_of(accelerator)
+    if engine.startswith("fsdp"):
+        return True
+    return engine == "deepspeed" and accelerator.state.deepspeed_plugin.zero_stage == 3
+
+
+def prepare_reference(model: torch.nn.Module, accelerator) -> torch.nn.Module:
+    """Place a frozen reference model for the running engine.
+
+    - one process / DDP: moved to the device, replicated (it has no gradients, nothing to sync);
+    - FSDP2: sharded with ``fully_shard`` like the policy (per decoder layer, then the root), so
+      each process holds 1/P of its weights and gathers a layer at a time in forward;
+    - DeepSpeed ZeRO-3: wrapped by ``deepspeed.initialize`` with parameter sharding and no
+      optimizer; ZeRO-1/2 shard only optimizer state and gradients, which a frozen model does not
+      have, so there it is replicated like DDP.
+    """
+    engine = engine_of(accelerator)
+    model.eval()
+    model.requires_grad_(False)
+    if engine == "fsdp2":
+        return _fully_shard_frozen(model, accelerator)
+    if engine == "deepspeed" and accelerator.state.deepspeed_plugin.zero_stage == 3:
+        return _deepspeed_frozen(model, accelerator)
+    return model.to(accelerator.device)
+
+
+def _fully_shard_frozen(model: torch.nn.Module, accelerator) -> torch.nn.Module:
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    plugin = accelerator.state.fsdp_plugin
+    mesh = getattr(accelerator, "torch_device_mesh", None)
+    kwargs = {
+        "reshard_after_forward": True,
+        "mp_policy": plugin.mixed_precision_policy or MixedPrecisionPolicy(),
+    }
+    if mesh is not None and accelerator.parallelism_config is not None:
+        kwargs["mesh"] = mesh[tuple(accelerator.parallelism_config.fsdp_dim_names)]
+    model.to(accelerator.device)
+    return fully_shard_layers(model, **kwargs)
+
+
+def fully_shard_layers(model: torch.nn.Module, **kwargs) -> torch.nn.Module:
+    """``fully_shard`` every decoder layer (the classes in ``model._no_split_modules``), then the
+    root. Works on CPU with gloo too, which is how the tests check it."""
+    from torch.distributed.fsdp import fully_shard
+
+    layer_classes = set(getattr(model, "_no_split_modules", None) or ())
+    for module in model.modules():
+        if type(module).__name__ in layer_classes:
+            fully_shard(module, **kwargs)
+    fully_shard(model, **kwargs)
+    return model
+
+
+def _deepspeed_frozen(model: torch.nn.Module, accelerator) -> torch.nn.Module:
+    import deepspeed  # optional: only a DeepSpeed launch gets here
+
+    config = copy.deepcopy(accelerator.state.deepspeed_plugin.deepspeed_config)
+    for key in ("optimizer", "scheduler"):
+        config.pop(key, None)
+    config["zero_optimization"].pop("offload_optimizer", None)
+    engine, *_ = deepspeed.initialize(model=model, config=config)
+    engine.eval()
+    return engine

@@ -1,0 +1,149 @@
+"""Checks made before a run reads data or writes anything: model paths, the output directory rule,
+and which checkpoint (if any) to resume from.
+
+The output directory rule: a new run may start only in an ``output_dir`` that is absent or empty.
+A directory holding anything else is refused, unless ``--resume`` (continue the run that is there)
+or ``--overwrite_output_dir`` (start over: prefopt deletes the checkpoints, metrics and TensorBoard
+logs it wrote there, and nothing else). The deletion happens only after every input has been checked,
+so a run that fails on bad input leaves an earlier run untouched.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from prefopt.errors import ConfigError, PrefoptError
+from prefopt.modeling.load import looks_local
+from prefopt.training.checkpoint import (
+    TMP_PREFIX,
+    checkpoint_step,
+    is_complete,
+    latest_checkpoint,
+    list_checkpoints,
+    remove_dir,
+)
+
+# What prefopt writes into an output_dir (the model files are overwritten by the new run's save).
+RUN_FILES = ("config.yaml", "metrics.jsonl", "data_summary.json", ".metrics.jsonl.tmp")
+RUN_DIRS = ("tensorboard",)
+# The final model that save_pretrained wrote (weights, config, tokenizer, adapter).
+MODEL_FILE_PATTERNS = (
+    "*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin", "config.json", "generation_config.json",
+    "adapter_config.json", "tokenizer*.json", "special_tokens_map.json", "vocab.*", "merges.txt",
+    "chat_template.jinja", "*.model",
+)
+# Keys that may change between an interrupted run and its resumption without changing the result.
+RESUME_FREE_KEYS = {
+    "resume_from_checkpoint", "overwrite_output_dir", "output_dir", "progress_bar", "report_to",
+    "save_total_limit", "log_throughput", "on_nonfinite", "max_skipped_steps",
+}
+
+
+@dataclass
+class RunPlan:
+    resume_from: Path | None = None  # the checkpoint to restore, None for a fresh run
+    overwrite: bool = False  # delete an earlier run's files before writing
+
+
+def check_model_paths(cfg) -> None:
+    for key in ("model_name_or_path", "ref_model_name_or_path", "tokenizer_name_or_path"):
+        value = getattr(cfg, key)
+        if value and looks_local(value) and not Path(value).expanduser().exists():
+            raise PrefoptError(f"{key}: model path not found: {value}")
+
+
+def describe_contents(out: Path) -> str:
+    names = sorted(p.name for p in out.iterdir())
+    ckpts = [n for n in names if checkpoint_step(Path(n)) is not None]
+    shown = [n for n in names if n not in ckpts][:4]
+    if ckpts:
+        shown.append(f"{len(ckpts)} checkpoint(s)")
+    return ", ".join(shown)
+
+
+def plan_run(cfg) -> RunPlan:
+    """Decide fresh run / resume / overwrite, or refuse. Reads only; writes nothing."""
+    check_model_paths(cfg)
+    out = Path(cfg.output_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output_dir {out} exists and is not a directory")
+    occupied = out.is_dir() and any(out.iterdir())
+    resume = cfg.resume_from_checkpoint
+    if resume:
+        if resume == "latest":
+            ckpt = latest_checkpoint(out)
+            if ckpt is None:
+                if occupied and only_unfinished_run(out):
+                    # Killed before its first checkpoint: nothing to resume, nothing worth keeping.
+                    print(f"prefopt: no complete checkpoint in {out}; starting the run over", file=sys.stderr)
+                    return RunPlan(overwrite=True)
+                if occupied:
+                    raise ConfigError(
+                        f"--resume: no complete checkpoint in {out} to resume from (it holds: "
+                        f"{describe_contents(out)}); pass --overwrite_output_dir instead to start over"
+                    )
+                print(f"prefopt: no checkpoint in {out} yet; starting a new run", file=sys.stderr)
+                return RunPlan()
+        else:
+            ckpt = Path(resume)
+            if not ckpt.is_dir():
+                raise ConfigError(f"resume_from_checkpoint: checkpoint not found: {ckpt}")
+            if not is_complete(ckpt):
+                raise ConfigError(f"resume_from_checkpoint: {ckpt} is not a complete checkpoint "
+                                  "(no valid checkpoint.json; it may have been cut short)")
+            if ckpt.parent.resolve() != out.resolve() and occupied:
+                raise ConfigError(f"output_dir {out} is not empty (it holds: {describe_contents(out)}); "
+                                  f"resuming {ckpt} into it would mix two runs")
+        warn_config_changes(cfg, ckpt.parent / "config.yaml")
+        print(f"prefopt: resuming from {ckpt}", file=sys.stderr)
+        return RunPlan(resume_from=ckpt)
+    if occupied and not cfg.overwrite_output_dir:
+        raise ConfigError(
+            f"output_dir {out} already holds files ({describe_contents(out)}); pass --resume to continue "
+            "that run, --overwrite_output_dir to start over, or choose another output_dir"
+        )
+    return RunPlan(overwrite=occupied)
+
+
+def only_unfinished_run(out: Path) -> bool:
+    """True when ``out`` holds nothing but the files of a run that never wrote a checkpoint or a model."""
+    return all(
+        p.name in RUN_FILES or p.name in RUN_DIRS or p.name.startswith(TMP_PREFIX) for p in out.iterdir()
+    )
+
+
+def warn_config_changes(cfg, saved_path: Path) -> list[str]:
+    """A resumed run is exact only with the same settings; name the keys that differ."""
+    if not saved_path.is_file():
+        return []
+    try:
+        saved = yaml.safe_load(saved_path.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError):
+        return []
+    now = cfg.to_dict()
+    changed = sorted(k for k in now if k not in RESUME_FREE_KEYS and k in saved and saved[k] != now[k])
+    if changed:
+        print(f"prefopt: warning: resuming with changed settings ({', '.join(changed)}); the result will "
+              "differ from an uninterrupted run", file=sys.stderr)
+    return changed
+
+
+def prepare_output_dir(cfg, plan: RunPlan) -> None:
+    """Create ``output_dir``; with ``overwrite``, first delete what an earlier run wrote there."""
+    out = Path(cfg.output_dir)
+    if plan.overwrite and out.is_dir():
+        for ckpt in list_checkpoints(out) + [p for p in out.glob("checkpoint-*") if p.is_dir()]:
+            if ckpt.exists():
+                remove_dir(ckpt)
+        model_files = {p for pattern in MODEL_FILE_PATTERNS for p in out.glob(pattern) if p.is_file()}
+        for p in out.iterdir():
+            if (p.name in RUN_FILES or p in model_files) and p.is_file():
+                p.unlink()
+            elif (p.name in RUN_DIRS or p.name.startswith(TMP_PREFIX)) and p.is_dir():
+                shutil.rmtree(p)
+    out.mkdir(parents=True, exist_ok=True)
