@@ -102,7 +102,7 @@ def _run(cfg: TrainConfig, plan: RunPlan, accelerator, *, model, train_pairs, ev
     return trainer.train()
 
 
-def build_models(cfg: TrainConfig, accelerator, options: LossOptions, *, live_reference: bool = True,
+def build_models(cfg: TrainConfig, accelerator, options: LossOptions | None = None, *, live_reference: bool = True,
                  model=None, ref_model=None):
     """The policy to train and the ``reference(batch, *, per_token)`` callable, for every
     combination of engine, precision and adapter:
@@ -114,6 +114,7 @@ def build_models(cfg: TrainConfig, accelerator, options: LossOptions, *, live_re
 
     ``model``/``ref_model`` are models given as objects (then used in place of the paths).
     """
+    options = options or cfg.loss_options()
     dtype = load_dtype(cfg)
     extra = {}
     quant = quantization_config(cfg) if cfg.use_peft else None

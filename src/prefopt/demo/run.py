@@ -79,7 +79,7 @@ class DemoSettings:
     eval_samples: int = 4
     max_new_tokens: int = 24
     methods: tuple[str, ...] = field(default=("dpo", "odpo"))
-    # --- the papers' full pipeline: noisy labels -> reward model -> learned offsets (issue 5) ---
+    # --- the papers' full pipeline: noisy labels -> reward model -> learned offsets ---
     # P(a preferred over b) = sigmoid((s_a - s_b) / label_temperature): about 18 % of the pairs flip
     label_temperature: float = 0.2
     # the reward model: the SFT model with a new scalar head, same batch size and max lengths

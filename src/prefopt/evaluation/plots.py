@@ -13,7 +13,7 @@ from prefopt.training.metrics import read_metrics
 # Fixed colours per method, so a method looks the same on every plot.
 METHOD_COLORS = {"dpo": "tab:blue", "odpo": "tab:orange", "cdpo": "tab:green", "ipo": "tab:red",
                  "hinge": "tab:purple"}
-# The demo's runs on noisy labels (issue 5): their own colour, marker and legend text.
+# The demo's runs on noisy labels: their own colour, marker and legend text.
 METHOD_COLORS.update({"dpo_noisy": "tab:cyan", "dpo_rm_filtered": "tab:olive", "odpo_rm": "tab:brown"})
 METHOD_STYLES = {"dpo_noisy": "s--", "dpo_rm_filtered": "^--", "odpo_rm": "D--"}  # dashed: noisy labels
 METHOD_LABELS = {"dpo_noisy": "DPO, noisy labels", "dpo_rm_filtered": "DPO, noisy labels the RM agrees with",

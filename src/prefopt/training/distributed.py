@@ -13,6 +13,7 @@ import os
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState, GradientState, PartialState
 from accelerate.utils import DistributedType
 
 from prefopt.errors import ConfigError
@@ -54,6 +55,7 @@ def build_accelerator(cfg):
         kwargs["mixed_precision"] = mixed_precision(cfg)
     if cfg.torch_compile:
         kwargs["dynamo_backend"] = "inductor"
+    _forget_single_process_state()
     try:
         accelerator = Accelerator(**kwargs)
     except ImportError as e:  # e.g. a DeepSpeed config without the deepspeed package
@@ -62,6 +64,15 @@ def build_accelerator(cfg):
     if engine_of(accelerator) == "deepspeed":
         configure_deepspeed(accelerator, cfg)
     return accelerator
+
+
+def _forget_single_process_state() -> None:
+    """Accelerate keeps one process-wide state and refuses a second Accelerator with another mixed
+    precision. In one process (a notebook or a script that trains twice) nothing else shares that
+    state, so each run starts from a fresh one; under a launcher the state is left alone."""
+    if AcceleratorState._shared_state and not PartialState().use_distributed:
+        AcceleratorState._reset_state(reset_partial_state=False)
+        GradientState._reset_state()
 
 
 def engine_of(accelerator) -> str:
