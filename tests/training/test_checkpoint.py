@@ -30,7 +30,7 @@ from prefopt.training.checkpoint import (
 )
 from prefopt.training.metrics import read_metrics
 
-SRC = str(Path(__file__).resolve().parents[1] / "src")
+SRC = str(Path(__file__).resolve().parents[2] / "src")
 
 # 8 steps of 3 pairs over 16 pairs (a ragged epoch end, a second shuffled epoch); checkpoints every
 # 3 steps and a log row every 2, so a checkpoint falls between two log rows and the unlogged window
@@ -78,6 +78,7 @@ def reference_run(tiny_llama, data16, tmp_path_factory) -> Path:
 
 
 # ------------------------------------------------------------------------------------------ resume
+@pytest.mark.slow
 def test_sigkill_then_resume_equals_uninterrupted_run(tiny_llama, data16, reference_run, tmp_path):
     out = tmp_path / "killed"
     res = run_train(tiny_llama, data16, out, kill_at="step:5")
@@ -100,6 +101,7 @@ def test_sigkill_then_resume_equals_uninterrupted_run(tiny_llama, data16, refere
     assert not torch.equal(a["lm_head.weight"], weights(tiny_llama)["lm_head.weight"])
 
 
+@pytest.mark.slow
 def test_kill_during_checkpoint_save_resumes_from_previous_complete_one(tiny_llama, data16, reference_run, tmp_path):
     out = tmp_path / "killed_in_save"
     res = run_train(tiny_llama, data16, out, kill_at="save:6")
@@ -120,6 +122,7 @@ def test_kill_during_checkpoint_save_resumes_from_previous_complete_one(tiny_lla
     assert [p.name for p in list_checkpoints(out)] == ["checkpoint-3", "checkpoint-6"]
 
 
+@pytest.mark.slow
 def test_same_config_and_seed_give_the_same_metrics_file(tiny_llama, data16, reference_run, tmp_path):
     res = run_train(tiny_llama, data16, tmp_path / "again")
     assert res.returncode == 0, res.stderr
@@ -256,6 +259,7 @@ def test_bad_input_is_one_line_exit_2_and_leaves_an_earlier_run_untouched(case, 
     assert snapshot(out) == before
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case_id", ["malformed_json", "missing_model_path", "mistyped_yaml_value"])
 def test_bad_input_through_a_real_process(case_id, tiny_llama, tmp_path):
     case = next(c for c in BAD_INPUTS if c[0] == case_id)

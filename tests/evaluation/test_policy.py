@@ -238,6 +238,7 @@ def test_sampled_logps_match_generate_with_left_padding(tiny_llama):
 REPORT_FIELDS = ("method", "beta", "alpha", "reward", "kl", "accuracy")
 
 
+@pytest.mark.slow
 def test_demo_quick_eval_and_plot_end_to_end(cli, tmp_path):
     out = tmp_path / "demo"
     res = cli("demo", "--quick", "--output_dir", out)

@@ -530,6 +530,7 @@ def test_config_lists_from_yaml_and_command_line(tmp_path):
     assert build_config(TrainConfig, tmp_path / "saved.yaml").loss_weights == [0.8, 0.2]
 
 
+@pytest.mark.slow
 def test_cli_refuses_offset_on_ipo_in_one_line(cli, tiny_llama, easy_data, tmp_path):
     res = cli("train", "--model_name_or_path", tiny_llama, "--dataset", easy_data["train"], "--output_dir",
               tmp_path / "o", "--loss_type", "ipo", "--use_offset", "true")
@@ -602,6 +603,6 @@ def test_odpo_offset_function_is_unchanged():
 def test_example_configs_are_valid(name):
     from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "examples" / name
+    path = Path(__file__).resolve().parents[2] / "examples" / name
     c = build_config(TrainConfig, path).validate()
     assert c.loss_type in ("simpo", "sigmoid,hinge")

@@ -14,6 +14,9 @@ COMMON = ["--max_steps", "20", "--logging_steps", "1", "--learning_rate", "2e-3"
           "--progress_bar", "false", "--seed", "3", "--report_to", "none"]
 
 
+pytestmark = pytest.mark.slow
+
+
 @pytest.fixture(scope="module")
 def dpo_run(tmp_path_factory, tiny_llama, easy_data):
     from tests.conftest import run_cli

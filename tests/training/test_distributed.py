@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from prefopt.toy import easy_preferences, write_jsonl
 from prefopt.training.metrics import read_metrics
 
-SRC = str(Path(__file__).resolve().parents[1] / "src")
+SRC = str(Path(__file__).resolve().parents[2] / "src")
 
 
 def _env(**extra) -> dict:
@@ -92,6 +92,7 @@ def single_run(runs_dir, tiny_llama, easy_data) -> Path:
     return one
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one_process_same_global_batch(single_run, tiny_llama, easy_data, runs_dir):
     one, two = single_run, runs_dir / "two"
     res = torchrun(2, "-m", "prefopt", *train_args(tiny_llama, easy_data["train"], two, per_device_train_batch_size=4))
@@ -115,6 +116,7 @@ def test_two_processes_equal_one_process_same_global_batch(single_run, tiny_llam
                                        atol=1e-7, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_accumulation_one_by_eight_equals_eight_by_one(cli, single_run, tiny_llama, easy_data, runs_dir):
     whole, accumulated = single_run, runs_dir / "accumulated"
     res = cli(*train_args(tiny_llama, easy_data["train"], accumulated, per_device_train_batch_size=1,
@@ -161,6 +163,7 @@ FORCED_FSDP2 = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_fsdp2_two_processes_equal_one_process_on_cpu(single_run, tiny_llama, easy_data, runs_dir):
     script = runs_dir / "forced_fsdp2.py"
     script.write_text(FORCED_FSDP2)
@@ -207,6 +210,7 @@ FORCED_DEEPSPEED = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage, per_device, accumulation", [(2, 2, 2), (3, 4, 1)])
 def test_deepspeed_zero_two_processes_equal_one_process_on_cpu(single_run, tiny_llama, easy_data, runs_dir,
                                                                stage, per_device, accumulation):
@@ -224,10 +228,12 @@ def test_deepspeed_zero_two_processes_equal_one_process_on_cpu(single_run, tiny_
     assert_same_run(single_run, out)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("engine_env", [
     {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"},
     {"ACCELERATE_USE_DEEPSPEED": "true"},
 ])
+@pytest.mark.slow
 def test_requested_engine_that_cannot_run_is_an_error_not_a_silent_ddp(tiny_llama, easy_data, tmp_path, engine_env):
     if torch.cuda.is_available():
         pytest.skip("on a GPU machine these engines can run")
@@ -239,7 +245,7 @@ def test_requested_engine_that_cannot_run_is_an_error_not_a_silent_ddp(tiny_llam
     assert not (tmp_path / "x" / "metrics.jsonl").exists()
 
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "accelerate"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "accelerate"
 
 
 @pytest.mark.parametrize("name, kind", [("ddp", "MULTI_GPU"), ("fsdp2", "FSDP"), ("zero2", "DEEPSPEED"),

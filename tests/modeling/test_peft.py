@@ -47,6 +47,7 @@ def lora_run(tmp_path_factory, tiny_llama, easy_data):
     return out
 
 
+@pytest.mark.slow
 def test_lora_run_trains_only_the_adapter_and_saves_adapter_and_merged_model(lora_run, tiny_llama, easy_data):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -113,6 +114,7 @@ def test_build_models_with_peft_uses_the_policy_as_reference(tiny_llama, easy_da
     assert trainable and all("lora_" in n for n in trainable)
 
 
+@pytest.mark.slow
 def test_gradient_checkpointing_gives_the_same_run(cli, lora_run, tiny_llama, easy_data, tmp_path):
     checkpointed = tmp_path / "gc"
     res = _train(cli, tiny_llama, easy_data["train"], checkpointed, gradient_checkpointing="true", **LORA_KEYS)
@@ -123,6 +125,7 @@ def test_gradient_checkpointing_gives_the_same_run(cli, lora_run, tiny_llama, ea
         assert ra["grad_norm"] == pytest.approx(rb["grad_norm"], rel=1e-5)
 
 
+@pytest.mark.slow
 def test_bf16_run_is_finite_and_reference_shares_the_precision(cli, tiny_llama, easy_data, tmp_path):
     out = tmp_path / "bf16"
     res = _train(cli, tiny_llama, easy_data["train"], out, bf16="true", learning_rate=1e-3)
@@ -135,11 +138,13 @@ def test_bf16_run_is_finite_and_reference_shares_the_precision(cli, tiny_llama, 
     assert rows[0]["rewards/margins"] == 0.0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("keys, message", [
     ({"use_peft": "true", "load_in_4bit": "true"}, "CUDA"),
     ({"fp16": "true"}, "CUDA"),
     ({"use_peft": "true", "lora_target_modules": "no_such_proj"}, "LoRA"),
 ])
+@pytest.mark.slow
 def test_unusable_scale_settings_are_one_line_errors(cli, tiny_llama, easy_data, tmp_path, keys, message):
     if torch.cuda.is_available() and message == "CUDA":
         pytest.skip("runs on a GPU machine")
@@ -169,6 +174,7 @@ def test_lora_target_modules_parsing():
     assert target_modules(TrainConfig(lora_target_modules=" q_proj, v_proj ,")) == ["q_proj", "v_proj"]
 
 
+@pytest.mark.slow
 def test_merge_adapter_command_matches_the_merge_on_save(cli, lora_run, tiny_llama, tmp_path):
     from safetensors.torch import load_file
 

@@ -1,6 +1,9 @@
+import pytest
+
 from prefopt.training.metrics import read_metrics
 
 
+@pytest.mark.slow
 def test_train_cli_runs_and_writes_outputs(cli, tiny_llama, easy_data, tmp_path):
     out = tmp_path / "run"
     res = cli("train", "--model_name_or_path", tiny_llama, "--dataset", easy_data["train"],

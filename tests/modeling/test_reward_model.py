@@ -59,7 +59,7 @@ def test_objective_margin_comes_from_scores():
     batch = {"input_ids": torch.zeros(4, 1), "attention_mask": torch.ones(4, 1), "num_pairs": torch.tensor(2),
              "score_chosen": torch.tensor([0.75, 0.2], dtype=torch.float64),
              "score_rejected": torch.tensor([0.5, 0.4], dtype=torch.float64)}
-    losses, metrics = RewardObjective(cfg)(model, batch)
+    losses, metrics = RewardObjective(margin_from_scores=cfg.margin_from_scores, margin_scale=cfg.margin_scale)(model, batch)
     # margins 2 * (0.25) = 0.5 and 2 * max(-0.2, 0) = 0: -log sigmoid(1 - 0.5), -log sigmoid(0)
     assert losses.tolist() == pytest.approx([math.log1p(math.exp(-0.5)), math.log(2)], abs=1e-6)
     assert metrics["accuracy"].tolist() == [1.0, 0.0]
@@ -198,6 +198,7 @@ def test_saved_reward_model_loads_with_transformers(trained_rm):
     assert ours[0] > ours[1]
 
 
+@pytest.mark.slow
 def test_reward_score_feeds_odpo_training(trained_rm, cli, tiny_llama):
     d = trained_rm["dir_root"]
     scored = d / "scored.jsonl"
@@ -281,6 +282,7 @@ def test_rated_rows_get_one_score_per_response(trained_rm, tmp_path):
 # The implicit reward of a policy
 
 
+@pytest.mark.slow
 def test_implicit_reward_equals_beta_times_logp_difference(cli, tiny_llama, easy_data, tmp_path):
     policy = build_tiny_model(tmp_path / "policy", arch="llama", seed=1)  # a different model, same vocab
     data = write_jsonl(tmp_path / "d.jsonl", easy_preferences(12, seed=3, scores=False))

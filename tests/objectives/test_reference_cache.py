@@ -41,6 +41,11 @@ def run_train(model, data, cache_dir, out, **overrides):
     return [{k: v for k, v in r.items() if k not in THROUGHPUT} for r in rows]
 
 
+def _rewards_are_noise(row: dict, accuracy_key: str) -> bool:
+    prefix = accuracy_key.removesuffix("accuracies")
+    return max(abs(row[prefix + "chosen"]), abs(row[prefix + "rejected"])) < 1e-5
+
+
 def test_second_run_reuses_cache_and_matches_live_reference(tiny_llama, tmp_path, capsys):
     data = {"train": write_jsonl(tmp_path / "train.jsonl", easy_preferences(24, seed=3)),
             "eval": write_jsonl(tmp_path / "eval.jsonl", easy_preferences(8, seed=4))}
@@ -59,6 +64,8 @@ def test_second_run_reuses_cache_and_matches_live_reference(tiny_llama, tmp_path
     for a, b, c in zip(first, second, live, strict=True):
         assert a.keys() == b.keys() == c.keys()
         for key in a:
+            if key.endswith("accuracies") and _rewards_are_noise(c, key):
+                continue  # at policy == reference the rewards are float noise (~1e-8): their sign means nothing
             assert a[key] == pytest.approx(c[key], rel=1e-4, abs=1e-5), key
             assert b[key] == pytest.approx(c[key], rel=1e-4, abs=1e-5), key
     assert first[-1]["eval/loss"] != pytest.approx(0.6931, abs=1e-4)  # the policy moved: a real comparison
@@ -73,6 +80,7 @@ def test_second_run_reuses_cache_and_matches_live_reference(tiny_llama, tmp_path
     assert len(list(cache.glob("*.pt"))) == 5
 
 
+@pytest.mark.slow
 def test_logps_command_writes_the_cache_train_reads(tiny_gpt2, easy_data, tmp_path, cli):
     cache = tmp_path / "cache"
     out = tmp_path / "logps.jsonl"
@@ -99,7 +107,7 @@ def test_logps_command_writes_the_cache_train_reads(tiny_gpt2, easy_data, tmp_pa
 
     pairs, _ = prepare_dataset(cfg, cfg.dataset, "train", load_tokenizer(str(tiny_gpt2)))
     tables, stats = precompute(cfg, [pairs], lambda: calls.append(1), PaddedPairCollator(0),
-                               Accelerator(cpu=True), ReferenceCache(cache))
+                               Accelerator(cpu=True), ReferenceCache(cache), str(tiny_gpt2))
     assert stats["hits"] == 1 and not calls  # the reference model is never loaded on a hit
     torch.testing.assert_close(tables[0]["rejected_logps"], table["rejected_logps"])
     train(cfg)
