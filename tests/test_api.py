@@ -51,3 +51,17 @@ def test_in_memory_rows_give_errors_that_name_the_row():
     rows = [{"prompt": "a", "chosen": "b", "rejected": "c"}, {"prompt": "a", "chosen": 3, "rejected": "c"}]
     with pytest.raises(prefopt.DataError, match=r"<in-memory dataset>, row 2, field 'chosen'"):
         prefopt.load_pairs(rows)
+
+
+def test_a_datasets_dataset_reads_like_the_same_rows_in_a_list():
+    import datasets
+
+    import prefopt
+    from prefopt.toy import easy_preferences
+
+    rows = easy_preferences(12, seed=2)
+    from_list, stats = prefopt.load_pairs(rows)
+    from_dataset, _ = prefopt.load_pairs(datasets.Dataset.from_list(rows))
+    assert from_list == from_dataset and stats.pairs == 12
+    with pytest.raises(prefopt.PrefoptError, match="no split 'test'"):
+        prefopt.load_pairs(datasets.DatasetDict({"train": datasets.Dataset.from_list(rows)}), split="test")
