@@ -164,12 +164,12 @@ class LossOptions:
     @property
     def needs_scores(self) -> bool:
         """Some loss gets an ODPO offset, which needs both scores of every pair."""
-        return self.use_offset or any(s.requires_scores for s in self.specs)
+        return _need_scores(self.specs, self.use_offset)
 
     @property
     def needs_reference(self) -> bool:
         """False when no loss looks at reference log-probs, so no reference model is needed."""
-        return not (self.reference_free or all(s.reference_free for s in self.specs))
+        return _need_reference(self.specs, self.reference_free)
 
     @property
     def needs_sft(self) -> bool:
@@ -181,14 +181,23 @@ class LossOptions:
         return self.ld_alpha is not None
 
 
+def _need_scores(specs, use_offset: bool) -> bool:
+    return use_offset or any(s.requires_scores for s in specs)
+
+
+def _need_reference(specs, reference_free: bool) -> bool:
+    return not (reference_free or all(s.reference_free for s in specs))
+
+
 def loss_needs_scores(loss_type: str | list[str], use_offset: bool = False) -> bool:
-    """True when some loss gets an ODPO offset, which needs both scores of every pair."""
-    return use_offset or any(get_loss(n).requires_scores for n in parse_loss_types(loss_type))
+    """True when some loss gets an ODPO offset, which needs both scores of every pair (the rule of
+    ``LossOptions.needs_scores``, for callers that hold only the names, such as the data layer)."""
+    return _need_scores([get_loss(n) for n in parse_loss_types(loss_type)], use_offset)
 
 
 def loss_needs_reference(loss_type: str | list[str], reference_free: bool = False) -> bool:
     """False when no loss looks at reference log-probs, so no reference model is needed."""
-    return not (reference_free or all(get_loss(n).reference_free for n in parse_loss_types(loss_type)))
+    return _need_reference([get_loss(n) for n in parse_loss_types(loss_type)], reference_free)
 
 
 @dataclass(frozen=True)
