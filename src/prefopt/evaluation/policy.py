@@ -244,9 +244,9 @@ def evaluate_policy(policy, ref, tokenizer, prompts: Sequence[str], scorer, *, r
     return result
 
 
-def read_prompts(path: str) -> list[str]:
+def read_prompts(path: str, column: str = "prompt") -> list[str]:
     """Prompts from a ``.txt`` file (one per non-empty line) or any table ``prefopt train`` reads
-    (a ``prompt`` column)."""
+    (a ``prompt`` column, or ``column``)."""
     p = Path(path)
     if p.suffix.lower() == ".txt":
         if not p.is_file():
@@ -256,9 +256,9 @@ def read_prompts(path: str) -> list[str]:
         raw = read_rows(path)
         prompts = []
         for row_no, row in raw:
-            value = row.get("prompt")
+            value = row.get(column)
             if not isinstance(value, str) or not value.strip():
-                raise DataError(raw.source, row_no, "prompt", "missing or not a non-empty string", raw.row_label)
+                raise DataError(raw.source, row_no, column, "missing or not a non-empty string", raw.row_label)
             prompts.append(value)
     if not prompts:
         raise PrefoptError(f"{path}: no prompts")
