@@ -78,6 +78,43 @@ def test_one_odpo_round_writes_samples_scores_pairs_and_uses_the_scores_as_offse
 
 
 @pytest.mark.slow
+def test_a_run_stopped_while_scoring_resumes_to_the_uninterrupted_result(tiny_llama, easy_data, tmp_path,
+                                                                        monkeypatch):
+    import prefopt.toy
+
+    cfg = dict(loss_type="odpo", alpha=0.5, rounds=1)
+    run_online(_cfg(tiny_llama, easy_data["train"], tmp_path / "whole", **cfg), progress=False)
+    calls = []
+
+    def dies_on_the_second_call(texts):
+        calls.append(len(texts))
+        if len(calls) == 2:  # the final policy's samples, after round 1 trained
+            raise RuntimeError("killed while scoring")
+        return good_word_score(texts)
+
+    monkeypatch.setattr(prefopt.toy, "good_word_score", dies_on_the_second_call)
+    with pytest.raises(RuntimeError, match="killed while scoring"):
+        run_online(_cfg(tiny_llama, easy_data["train"], tmp_path / "killed", **cfg), progress=False)
+    assert (tmp_path / "killed" / "rounds" / "2" / "generations.jsonl").is_file()
+    assert not (tmp_path / "killed" / "rounds" / "2" / "samples.jsonl").exists()
+    monkeypatch.setattr(prefopt.toy, "good_word_score", good_word_score)
+    run_online(_cfg(tiny_llama, easy_data["train"], tmp_path / "killed", resume_from_checkpoint="latest", **cfg),
+               progress=False)
+    for name in ("metrics.jsonl", "model.safetensors", "rounds/1/pairs.jsonl", "rounds/2/samples.jsonl"):
+        assert (tmp_path / "killed" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes(), name
+
+
+def test_new_run_into_a_used_output_dir_is_refused(capsys, tiny_llama, easy_data, tmp_path):
+    out = tmp_path / "used"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    line = _error_line(capsys, ["online", "--model_name_or_path", str(tiny_llama), "--prompts",
+                                str(easy_data["train"]), "--scorer", SCORER, "--output_dir", str(out)])
+    assert "already holds files" in line and "--resume" in line
+    assert [p.name for p in out.iterdir()] == ["notes.txt"] and (out / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("update", ["fixed", "per_round"])
 def test_reference_update_per_round_moves_the_reference_fixed_does_not(update, tiny_llama, easy_data, tmp_path):
     rows = run_online(_cfg(tiny_llama, easy_data["train"], tmp_path / update, rounds=2, reference_update=update,
