@@ -45,7 +45,13 @@ from prefopt.online.pairing import build_pairs
 from prefopt.recipes import train
 from prefopt.training.checkpoint import latest_checkpoint, test_hook
 from prefopt.training.metrics import read_metrics
-from prefopt.training.preflight import RunPlan, check_model_paths, describe_contents, prepare_output_dir, warn_config_changes
+from prefopt.training.preflight import (
+    RunPlan,
+    check_model_paths,
+    describe_contents,
+    prepare_output_dir,
+    warn_config_changes,
+)
 
 # What `prefopt online` writes into output_dir besides the final model files (deleted by --overwrite_output_dir).
 ONLINE_FILES = ("config.yaml", "metrics.jsonl", "online.png")
