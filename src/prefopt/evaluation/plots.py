@@ -18,6 +18,10 @@ METHOD_COLORS.update({"dpo_noisy": "tab:cyan", "dpo_rm_filtered": "tab:olive", "
 METHOD_STYLES = {"dpo_noisy": "s--", "dpo_rm_filtered": "^--", "odpo_rm": "D--"}  # dashed: noisy labels
 METHOD_LABELS = {"dpo_noisy": "DPO, noisy labels", "dpo_rm_filtered": "DPO, noisy labels the RM agrees with",
                  "odpo_rm": "ODPO, noisy labels + RM offsets"}
+# `prefopt online` runs: filled diamonds, mean over seeds with error bars.
+METHOD_COLORS.update({"online_dpo": "navy", "online_odpo": "darkred"})
+METHOD_STYLES.update({"online_dpo": "D", "online_odpo": "D"})
+METHOD_LABELS.update({"online_dpo": "online DPO (mean ± std over seeds)", "online_odpo": "online ODPO (mean ± std over seeds)"})
 
 
 def pyplot():
@@ -51,6 +55,10 @@ def plot_frontier(entries: list[dict[str, Any]], path: str | Path, *, title: str
             f" (α={shared_alpha:g})" if shared_alpha is not None else "")
         ax.plot([p["kl"] for p in points], [p["reward"] for p in points], METHOD_STYLES.get(method, "o-"),
                 color=color, label=legend, markersize=6 if method not in METHOD_STYLES else 8)
+        if any("reward_std" in p or "kl_std" in p for p in points):  # a spread over seeds
+            ax.errorbar([p["kl"] for p in points], [p["reward"] for p in points],
+                        xerr=[p.get("kl_std", 0.0) for p in points], yerr=[p.get("reward_std", 0.0) for p in points],
+                        fmt="none", ecolor=color, capsize=3)
         for p in points:
             label = _point_label(p, with_alpha=shared_alpha is None)
             if label:
