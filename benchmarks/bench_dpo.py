@@ -451,8 +451,14 @@ def finish(results, args, lengths, peak, peaks=()) -> None:
     report = render(rows, args, peak, n_pairs, peaks)
     print(report)
     if not args.quick:
-        Path(args.output).write_text(report, encoding="utf-8")
+        # Keep the sections other benchmark scripts own (benchmarks/online_rounds.py), marked in the file.
+        old = Path(args.output).read_text(encoding="utf-8") if Path(args.output).is_file() else ""
+        kept = old[old.index(OTHER_SECTIONS):] if OTHER_SECTIONS in old else ""
+        Path(args.output).write_text(report + ("\n" + kept if kept else ""), encoding="utf-8")
         print(f"wrote {args.output}")
+
+
+OTHER_SECTIONS = "<!-- other benchmarks: kept when this script rewrites the file -->"
 
 
 def render(rows, args, peak, n_pairs, peaks=()) -> str:

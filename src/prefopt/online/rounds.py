@@ -227,6 +227,7 @@ class OnlineRun:
             "samples/mean_length": sum(len(r["completion_ids"]) for r in rows) / len(rows),
             "prompts": len(groups), "samples": len(rows), "pairs": 0 if final else pstats.pairs,
             "time/score": scored_seconds,
+            "time/kl": time.perf_counter() - started - scored_seconds,  # the KL's log-probs, pairing, writing
         }
         _write_json(rd / "sample_stats.json", stats)
 
@@ -301,7 +302,7 @@ class OnlineRun:
             result = json.loads(result_file.read_text()) if result_file.is_file() else None
             if self.cfg.log_throughput:  # wall-clock: left out for bit-for-bit reproducible metrics
                 seconds = json.loads((rd / "sample_time.json").read_text())["seconds"]
-                row.update({"time/sample": seconds, "time/score": stats["time/score"]})
+                row.update({"time/sample": seconds, "time/score": stats["time/score"], "time/kl": stats["time/kl"]})
                 if result is not None:
                     row["time/train"] = result["time/train"]
             rows.append(row)

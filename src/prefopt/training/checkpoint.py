@@ -198,7 +198,8 @@ def save(trainer) -> Path:
 
 def test_hook(point: str, step: int) -> None:
     """Crash tests only: ``PREFOPT_TEST_KILL=step:K`` kills this process with SIGKILL after step K,
-    ``save:K`` in the middle of writing checkpoint K. Never set in normal use."""
+    ``save:K`` in the middle of writing checkpoint K, ``online-sample:N`` / ``online-score:N`` in
+    round N of ``prefopt online`` before that stage's files are written. Never set in normal use."""
     if os.environ.get(KILL_ENV) == f"{point}:{step}":
         os.kill(os.getpid(), signal.SIGKILL)
 
