@@ -153,3 +153,10 @@ def test_bad_settings_are_one_line_errors(extra, message, capsys, tiny_llama, ea
             "--scorer", SCORER, "--output_dir", str(tmp_path / "out"), *extra]
     assert message in _error_line(capsys, argv)
     assert not (tmp_path / "out").exists()  # nothing written for bad input
+
+
+def test_the_example_config_is_a_valid_online_config():
+    from prefopt.config import build_config
+
+    cfg = build_config(TrainConfig, Path(__file__).resolve().parents[2] / "examples" / "online.yaml")
+    assert cfg.validate_online().loss_type == "odpo" and cfg.samples_per_prompt == 4
