@@ -75,6 +75,11 @@ def test_one_odpo_round_writes_samples_scores_pairs_and_uses_the_scores_as_offse
     assert summaries[0]["samples/reward_mean"] == pytest.approx(sum(s["score"] for s in samples) / len(samples))
     assert summaries[1]["samples/kl"] != 0.0
     assert (tmp_path / "run" / "model.safetensors").is_file() and (tmp_path / "run" / "online.png").is_file()
+    # `prefopt plot` on the run draws the rounds again
+    from prefopt.evaluation.plots import plot_directory
+
+    (tmp_path / "run" / "online.png").unlink()
+    assert tmp_path / "run" / "online.png" in plot_directory(tmp_path / "run")
 
 
 @pytest.mark.slow
