@@ -32,6 +32,15 @@ def test_a_prompt_whose_samples_all_tie_yields_no_pair_and_counts_as_tied():
     assert build_pairs(groups, "all")[0] == [(1, 1, 0), (1, 1, 2)]
 
 
+def test_unusable_samples_are_left_out_of_the_pairing():
+    # sample 1 (an empty response) has the highest score but cannot be trained on
+    assert pair_indices([0.2, None, -0.5, 0.4], "best_worst") == [(3, 2)]
+    assert pair_indices([0.2, None, 0.4], "all") == [(2, 0)]
+    pairs, stats = build_pairs([[None, 0.3, 0.3], [None, None, 0.1]], "all")
+    # prompt 0: its two usable samples tie; prompt 1: one usable sample, no pair but no tie either
+    assert pairs == [] and stats.tied_prompts == 1 and stats.unusable_samples == 3 and stats.sample_pairs == 1
+
+
 def test_unknown_pairing_is_refused():
     with pytest.raises(ValueError, match="best_worst"):
         pair_indices([0.0, 1.0], "random")

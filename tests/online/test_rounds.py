@@ -54,6 +54,7 @@ def test_one_odpo_round_writes_samples_scores_pairs_and_uses_the_scores_as_offse
             expected.append((group[c]["completion"], group[r]["completion"], group[c]["score"], group[r]["score"]))
     assert [(p["chosen"], p["rejected"], p["score_chosen"], p["score_rejected"]) for p in pairs] == expected
     assert 0 < len(pairs) <= 8
+    assert all(p["chosen"].strip() and p["rejected"].strip() for p in pairs)  # empty responses are never paired
 
     # ODPO's first loss (policy == reference, one step over all pairs): mean softplus(alpha*log(s_w - s_l))
     first = next(r for r in rows if r.get("round") == 1 and r.get("round_step") == 1)

@@ -205,7 +205,10 @@ class OnlineRun:
         kl = kl_estimates(pol_logps, init_logps)
         k = cfg.samples_per_prompt
         groups = [scores[i : i + k] for i in range(0, len(scores), k)]
-        pair_list, pstats = build_pairs(groups, cfg.pairing)
+        # An empty response has a score but is not trainable (a pair file refuses empty responses).
+        pairable = [[s if rows[g * k + j]["completion"].strip() else None for j, s in enumerate(group)]
+                    for g, group in enumerate(groups)]
+        pair_list, pstats = build_pairs(pairable, cfg.pairing)
         write_jsonl_atomic(rd / "samples.jsonl", [
             {"prompt": r["prompt"], "completion": r["completion"], "score": s, "prompt_index": r["prompt_index"],
              "sample_index": r["sample_index"], "round": round_no} for r, s in zip(rows, scores)])
@@ -222,6 +225,7 @@ class OnlineRun:
             "samples/reward_mean": mean, "samples/reward_std": std,
             "samples/reward_min": min(scores), "samples/reward_max": max(scores),
             "samples/tie_fraction": pstats.tie_fraction,
+            "samples/empty_fraction": pstats.unusable_samples / len(rows),
             "samples/tied_sample_pairs": pstats.tied_sample_pairs / max(pstats.sample_pairs, 1),
             "samples/kl": kl["kl"], "samples/kl_k3": kl["kl_k3"], "samples/kl_stderr": kl["kl_stderr"],
             "samples/mean_length": sum(len(r["completion_ids"]) for r in rows) / len(rows),
