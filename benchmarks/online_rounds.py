@@ -5,8 +5,8 @@
 
 The policy is the demo's SFT model (a 2-layer Llama, hidden 64, on the toy review language): the
 one in ``--sft`` (e.g. ``runs/demo/sft`` after ``prefopt demo``), else one trained here with the
-quick demo's SFT settings. Each round runs the demo's online settings (64 prompts x 4 samples of up
-to 24 tokens, pairing ``all``, 2 epochs of batch 32, beta 1) twice, once per scorer: the demo's
+quick demo's SFT settings. Each round runs the demo's online settings (its 60 distinct prompts x 4 samples of
+up to 24 tokens, pairing ``all``, 2 epochs of batch 32, beta 1) twice, once per scorer: the demo's
 sentiment function, and a reward model of the demo's architecture (the SFT weights with a new,
 untrained scalar head: the timing is what matters). The split is read from the run's
 ``metrics.jsonl`` (``time/sample``, ``time/score``, ``time/kl``, ``time/train``), averaged over the
@@ -107,7 +107,7 @@ def main() -> int:
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    s_cfg = "64 prompts x 4 samples (<= 24 new tokens), pairing all, 2 epochs of batch 32, DPO beta 1"
+    s_cfg = "the toy world's 60 distinct prompts x 4 samples (<= 24 new tokens), pairing all, 2 epochs of batch 32, DPO beta 1"
     lines = [SECTION, "",
              f"Command: `python benchmarks/online_rounds.py{' --sft ' + args.sft if args.sft else ''}` "
              f"({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}). Machine: {platform.machine()}, "
