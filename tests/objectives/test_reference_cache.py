@@ -129,8 +129,17 @@ def test_cache_key_depends_on_tokens_and_model(tiny_llama, tmp_path):
     assert cache_key(before, pairs) != cache_key(before, pairs[:1])
     weights = next(model.glob("*.safetensors"))
     st = weights.stat()
-    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))  # re-saved weights
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))  # touched, same content: same key
+    assert model_fingerprint(str(model)) == before
+    # Changed weights with the same size and modification time (one byte in the middle of the
+    # tensors, far from both ends): a different key.
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    weights.write_bytes(bytes(data))
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert weights.stat().st_size == st.st_size and weights.stat().st_mtime_ns == st.st_mtime_ns
     assert model_fingerprint(str(model)) != before
+    before = model_fingerprint(str(model))
     config = model / "config.json"
     config.write_text(config.read_text().replace('"rms_norm_eps": 1e-06', '"rms_norm_eps": 1e-05'))
     assert model_fingerprint(str(model)) != before
