@@ -102,7 +102,7 @@ def _finite_score(value, i: int, spec: str) -> float:
 
 
 def _kind(value) -> str:
-    return "None" if value is None else f"a {type(value).__name__} ({str(value)[:40]!r})"
+    return "None" if value is None else f"{type(value).__name__} {str(value)[:40]!r}"
 
 
 def _first_line(e: BaseException) -> str:

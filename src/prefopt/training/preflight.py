@@ -82,11 +82,11 @@ def plan_run(cfg) -> RunPlan:
     if resume:
         if resume == "latest":
             found, damaged = intact_checkpoints(out)
-            for path, problem in damaged if _main_process() else ():
-                print(f"prefopt: warning: {path} is damaged ({problem}); skipping it", file=sys.stderr)
             if not found and damaged:
                 raise ConfigError(f"--resume: no intact checkpoint in {out} ({damaged_text(damaged)}); pass "
                                   "--overwrite_output_dir to start over")
+            for path, problem in damaged if _main_process() else ():
+                print(f"prefopt: warning: {path} is damaged ({problem}); skipping it", file=sys.stderr)
             ckpt = found[0] if found else None
             if ckpt is None:
                 if occupied and only_unfinished_run(out):
