@@ -193,6 +193,14 @@ def eval_with(scorer: str, *extra: str, models: tuple[str, ...] = ()):
     return setup
 
 
+def eval_prompts(name: str, content: bytes):
+    def setup(t, e):
+        argv = eval_with("bad_input_scorers:fine")(t, e)
+        (t / name).write_bytes(content)
+        return [*argv[:argv.index("--prompts") + 1], str(t / name), *argv[argv.index("--prompts") + 2:]]
+    return setup
+
+
 def eval_output_dir_is_file(t, e):
     argv = eval_with("bad_input_scorers:fine")(t, e)
     (t / "eval").write_text("not a directory\n")
@@ -259,6 +267,10 @@ CASES = [
          ["scorer 'bad_input_scorers:none_items'", "None", "text 0"]),
     Case("eval_scorer_raises", eval_with("bad_input_scorers:raises"),
          ["scorer 'bad_input_scorers:raises'", "RuntimeError", "scoring service is down"]),
+    Case("eval_prompts_not_utf8", eval_prompts("p.txt", b"the movie\ncaf\xe9 was\n"),
+         ["p.txt", "line 2", "UTF-8"]),
+    Case("eval_prompts_lone_surrogate", eval_prompts("p.jsonl", b'{"prompt": "ok"}\n{"prompt": "a \\ud800"}\n'),
+         ["p.jsonl", "line 2", "field 'prompt'", "lone surrogate"]),
     Case("eval_output_dir_is_a_file", eval_output_dir_is_file, ["--output_dir", "not a directory"]),
     Case("eval_second_model_missing", eval_with("bad_input_scorers:fine", models=("TMP/no_such_policy",)),
          ["model path not found", "no_such_policy"]),

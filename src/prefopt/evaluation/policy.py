@@ -253,7 +253,13 @@ def read_prompts(path: str) -> list[str]:
     if p.suffix.lower() == ".txt":
         if not p.is_file():
             raise PrefoptError(f"prompts file not found: {path}")
-        prompts = [line.strip() for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+        raw_bytes = p.read_bytes()
+        try:
+            text = raw_bytes.decode("utf-8")
+        except UnicodeDecodeError as e:
+            line = raw_bytes[: e.start].count(b"\n") + 1
+            raise DataError(path, line, None, f"not valid UTF-8 (byte {e.start})", "line") from None
+        prompts = [line.strip() for line in text.splitlines() if line.strip()]
     else:
         raw = read_rows(path)
         prompts = []
@@ -261,6 +267,11 @@ def read_prompts(path: str) -> list[str]:
             value = row.get("prompt")
             if not isinstance(value, str) or not value.strip():
                 raise DataError(raw.source, row_no, "prompt", "missing or not a non-empty string", raw.row_label)
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as e:  # a lone surrogate ("\ud800" in JSON): no tokenizer takes it
+                raise DataError(raw.source, row_no, "prompt", f"not valid Unicode text (a lone surrogate "
+                                f"{value[e.start]!r} at character {e.start})", raw.row_label) from None
             prompts.append(value)
     if not prompts:
         raise PrefoptError(f"{path}: no prompts")
