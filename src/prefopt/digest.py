@@ -1,9 +1,9 @@
 """Content hashes: of files (checkpoints, model weights) and of byte streams (cache tables).
 
 SHA-256, read in 8 MiB chunks: on this project's 2-core CPU machine it hashes a 500 MB file in
-0.5-0.7 s (hashlib uses the CPU's SHA instructions; BLAKE2b measured 0.8 s, and a plain read of the
-file alone 0.66 s when not cached), so a checksum costs about as much as reading the file once
-(``benchmarks/checksum_cost.py``).
+0.5-0.7 s when the machine is quiet (BLAKE2b: 0.8 s; hashlib's SHA-256 uses the CPU's SHA
+instructions), about what reading the file once costs (``benchmarks/checksum_cost.py``,
+docs/reliability.md).
 """
 
 from __future__ import annotations
