@@ -187,3 +187,14 @@ def test_manifest_written_by_write_manifest_verifies_and_catches_a_changed_byte(
     assert verify(d) == "sub/b.txt does not match its sha256 checksum"
     (d / "sub" / "b.txt").unlink()
     assert verify(d) == "sub/b.txt is missing"
+
+
+def test_a_full_disk_reported_by_torch_as_a_runtime_error_is_named_too(tmp_path, monkeypatch):
+    import prefopt.training.checkpoint as ckpt
+
+    monkeypatch.setattr(ckpt, "disk_nearly_full", lambda path: True)
+    message = write_failure(RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed"),
+                            tmp_path, "checkpoint-3", full=ckpt.disk_nearly_full(tmp_path))
+    assert message.startswith(f"disk full: no space left on {mount_point(tmp_path)}")
+    other = write_failure(OSError(errno.EROFS, "Read-only file system"), tmp_path, "checkpoint-3")
+    assert other == f"cannot write checkpoint-3 in {tmp_path}: Read-only file system; no checkpoint was written yet"

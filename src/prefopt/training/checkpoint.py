@@ -252,22 +252,38 @@ def save(trainer) -> Path:
             write_manifest(tmp_dir, step, {"data_fingerprint": getattr(trainer, "data_fingerprint", None)})
             replace_dir(tmp_dir, final_dir)
             prune_checkpoints(trainer.output_dir, trainer.cfg.save_total_limit)
-    except OSError as e:
+    except Exception as e:
+        # torch.save reports a full disk as a RuntimeError ("file write failed"): judge by the free
+        # space, measured before the partial checkpoint is removed (which frees it again).
+        full = isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT) or disk_nearly_full(trainer.output_dir)
         shutil.rmtree(tmp_dir, ignore_errors=True)
-        raise PrefoptError(write_failure(e, trainer.output_dir, f"checkpoint-{step}")) from None
+        if full or isinstance(e, OSError):
+            raise PrefoptError(write_failure(e, trainer.output_dir, f"checkpoint-{step}", full=full)) from None
+        raise
     acc.wait_for_everyone()
     return final_dir
 
 
-def write_failure(e: OSError, output_dir: Path, what: str) -> str:
+def disk_nearly_full(path: Path, margin: int = 16 << 20) -> bool:
+    try:
+        return shutil.disk_usage(mount_point(path)).free < margin
+    except OSError:
+        return False
+
+
+def write_failure(e: Exception, output_dir: Path, what: str, *, full: bool | None = None) -> str:
     """One line for a failed write: the device (mount point) and the last intact checkpoint."""
     last = latest_intact_checkpoint(output_dir, warn=False)
     kept = (f"the last intact checkpoint is {last} (resume with --resume)" if last is not None
             else "no checkpoint was written yet")
-    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+    if full is None:
+        full = isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
+    if full:
         return (f"disk full: no space left on {mount_point(output_dir)} (the file system of {output_dir}) while "
                 f"writing {what}; {kept}")
-    return f"cannot write {what} in {output_dir}: {e.strerror or e}; {kept}"
+    text = str(e).strip()
+    reason = getattr(e, "strerror", None) or (text.splitlines()[0] if text else type(e).__name__)
+    return f"cannot write {what} in {output_dir}: {reason}; {kept}"
 
 
 def mount_point(path: Path) -> Path:
