@@ -54,5 +54,6 @@ def test_a_missing_local_model_path_is_named(tmp_path, monkeypatch):
     (tmp_path / "runs").mkdir()
     assert looks_local("runs/sft") and looks_local("./sft") and looks_local(f"{os.sep}x{os.sep}y")
     assert not looks_local("gpt2") and not looks_local("org/model")  # hub ids
+    assert looks_local(tmp_path / "runs")  # a Path object, as the Python API may pass
     with pytest.raises(PrefoptError, match="^model path not found: runs/sft$"):
         load_tokenizer("runs/sft")

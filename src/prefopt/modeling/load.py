@@ -12,17 +12,18 @@ from prefopt.errors import PrefoptError
 from prefopt.modeling.fused import fuse_activations
 
 
-def looks_local(name: str) -> bool:
+def looks_local(name: str | Path) -> bool:
     """A local path rather than a hub id: it starts with ``.``, ``/`` or ``~``, exists, has more
     than one ``/`` (hub ids have one), or its first component is a local directory (``runs/sft``
     when ``./runs`` exists)."""
+    name = str(name)  # the Python API also passes Path objects
     if name.startswith((".", "/", "~")) or Path(name).exists() or name.count("/") > 1:
         return True
     parts = Path(name).parts
     return len(parts) > 1 and Path(parts[0]).is_dir()
 
 
-def check_local_path(name_or_path: str) -> None:
+def check_local_path(name_or_path: str | Path) -> None:
     """A missing local model directory is named as such (not as a malformed hub repo id)."""
     if looks_local(name_or_path) and not Path(name_or_path).expanduser().exists():
         raise PrefoptError(f"model path not found: {name_or_path}")
