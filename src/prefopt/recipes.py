@@ -185,7 +185,7 @@ def train(cfg: TrainConfig, *, model=None, tokenizer=None, ref_model=None, train
     policy, reference = build_models(cfg, accelerator, options, live_reference=not precompute, model=model,
                                      ref_model=ref_model)
     collator = model_collator(cfg.layout, train_pairs, cfg.per_device_train_batch_size, policy,
-                              tokenizer.pad_token_id, cfg.pack_row_tokens)
+                              tokenizer.pad_token_id, cfg.pack_row_tokens, device_type=accelerator.device.type)
     if precompute:
         reference, eval_pairs = cached_reference(cfg, policy, train_pairs, eval_pairs, collator, accelerator,
                                                  ref_model=ref_model, per_token=options.reference_per_token)
@@ -258,7 +258,8 @@ def logps(cfg: TrainConfig, output: str, batch_size: int = 8) -> int:
     model = load_causal_lm(cfg.model_name_or_path, disable_dropout_=True, fused_activations=cfg.fused_activations)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
-    collator = model_collator(cfg.layout, pairs, batch_size, model, tokenizer.pad_token_id, cfg.pack_row_tokens)
+    collator = model_collator(cfg.layout, pairs, batch_size, model, tokenizer.pad_token_id, cfg.pack_row_tokens,
+                              device_type=device.type)
     rows = score_pairs(model, pairs, collator, batch_size=batch_size, device=device)
     write_jsonl_atomic(output, rows)
     print(f"prefopt: wrote {len(rows)} pairs to {output}", file=sys.stderr)
