@@ -82,7 +82,6 @@ SHAPES = {
 # (layout, attention) configurations of the speed section, simplest first.
 SPEED_CONFIGS = [("plain", "sdpa"), ("prefix_shared", "sdpa"), ("packed", "sdpa"),
                  ("plain", "flex_attention"), ("prefix_shared", "flex_attention"), ("packed", "flex_attention")]
-TRL_VARIANTS = ("trl", "trl_precompute", "trl_padding_free", "trl_liger")
 
 
 def settings(args) -> dict:
@@ -386,11 +385,9 @@ def speed_child(spec: dict, results: Results) -> None:
 
     device, smoke = spec["device"], spec["mode"] == "smoke"
     try:
-        peak = matmul_peak(device, smoke)
-        results.put("speed/peak", **peak)
-    except Exception as e:  # noqa: BLE001
+        results.put("speed/peak", **matmul_peak(device, smoke))
+    except Exception as e:  # noqa: BLE001 - reported; MFU is then left out
         results.put("speed/peak", error=short_error(e))
-        peak = {"flops": float("nan")}
 
     clock = {"ends": [], "precompute": 0.0}
     step = trainer_mod.Trainer.train_step
@@ -457,7 +454,7 @@ def speed_child(spec: dict, results: Results) -> None:
             t0 = time.perf_counter()
             prefopt.train(cfg, model=model, tokenizer=tok, train_dataset=rows)
             total = time.perf_counter() - t0
-            res = timing(clock, spec, lengths, layout, model_cfg, reference, peak["flops"])
+            res = timing(clock, spec, lengths, layout, model_cfg, reference)
             res.update(total_seconds=total, precompute_seconds=clock["precompute"] if reference == "precompute" else None)
             if device == "cuda":
                 res["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
@@ -487,8 +484,9 @@ def pair_lengths(rows: list[dict], tok, max_length: int) -> list[tuple[int, int,
     return [(len(p.prompt_ids), len(p.chosen_ids), len(p.rejected_ids)) for p in tokenized(rows, tok, max_length)]
 
 
-def timing(clock: dict, spec: dict, lengths, layout: str, model_cfg, reference: str, peak_flops: float) -> dict:
-    """pairs/s, tokens/s and MFU over the steps after the warm-up ones."""
+def timing(clock: dict, spec: dict, lengths, layout: str, model_cfg, reference: str) -> dict:
+    """pairs/s, tokens/s and model FLOP/s over the steps after the warm-up ones (MFU is this over
+    the matmul peak of the run, taken when the table is made: the sections may run in any order)."""
     ends = clock["ends"][spec["warmup_steps"] - 1:]
     if len(ends) < 2:
         raise RuntimeError(f"only {len(clock['ends'])} steps ran; need more than --warmup_steps")
@@ -501,7 +499,7 @@ def timing(clock: dict, spec: dict, lengths, layout: str, model_cfg, reference: 
                                   reference) / len(lengths)
     return {"pairs_per_s": pairs / seconds, "tokens_per_s": pairs * tokens_per_pair / seconds,
             "step_seconds": seconds / timed_steps, "timed_steps": timed_steps,
-            "mfu": pairs * flops_per_pair / seconds / peak_flops}
+            "model_flops_per_s": pairs * flops_per_pair / seconds}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -514,10 +512,8 @@ def trl_child(spec: dict, results: Results) -> None:
     import warnings
 
     device = spec["device"]
-    peak = spec.get("peak_flops") or float("nan")
-    tok, words = tokenizer_and_words()
     n_pairs = spec["batch_size"] * spec["steps"]
-    model_cfg = model_config("qwen2", spec["speed_size"])
+    tok = words = model_cfg = None  # made when a job runs (transformers takes seconds to import)
     clock = {"ends": [], "precompute": 0.0}
     step_clock = None
     for job in spec["jobs"]:
@@ -545,6 +541,8 @@ def trl_child(spec: dict, results: Results) -> None:
 
             if step_clock is None:
                 step_clock = trl_clock(DPOTrainer, TrainerCallback, clock, device)
+                tok, words = tokenizer_and_words()
+                model_cfg = model_config("qwen2", spec["speed_size"])
             clock["ends"], clock["precompute"] = [], 0.0
             rows = make_rows(tuple(spec["shapes"][shape]), n_pairs, words)
             lengths = pair_lengths(rows, tok, spec["max_length"])
@@ -572,7 +570,7 @@ def trl_child(spec: dict, results: Results) -> None:
             if variant == "trl_padding_free" and not getattr(trainer, "padding_free", True):
                 note = "TRL 1.16 warns and falls back to padding (padding_free is disabled since its DPO refactor)"
             trainer.train()
-            res = timing(clock, spec, lengths, "plain", model_cfg, "precompute" if precompute else "live", peak)
+            res = timing(clock, spec, lengths, "plain", model_cfg, "precompute" if precompute else "live")
             res["precompute_seconds"] = clock["precompute"] if precompute else None
             if device == "cuda":
                 res["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
@@ -751,40 +749,40 @@ def main() -> None:
             print("gpu_check: error: no CUDA device here (torch: "
                   f"{env.get('torch', '?')}); run with --smoke for the CPU smoke mode", file=sys.stderr)
             raise SystemExit(2)
-        shares = {"correctness": 0.2, "speed": 0.62, "trl": 1.0}
+        # Correctness first; then TRL's baseline (the targets are ratios to it), prefopt's configurations,
+        # and Liger last (its own child: it patches transformers' modules process-wide). Each part gets
+        # a share of the time left; the global deadline stops whatever runs past it.
+        plan = []
+        if "correctness" in sections:
+            plan.append(("correctness", "correctness", [], 0.2))
+        if "trl" in sections:
+            variants = [(v, shape) for v in ("trl", "trl_precompute") for shape in s["shapes"]]
+            variants.append(("trl_padding_free", "tldr"))
+            if args.smoke:  # each variant once
+                variants = [("trl", "tldr"), ("trl_precompute", "balanced"), ("trl_padding_free", "tldr")]
+            plan.append(("trl", "trl", [{"id": f"trl/{shape}/{v}", "shape": shape, "variant": v}
+                                        for v, shape in variants], 0.3))
+        if "speed" in sections:
+            configs = [(shape, layout, attn, ref) for ref in ("live", "precompute")
+                       for attn in ("sdpa", "flex_attention") for shape in s["shapes"]
+                       for layout, a in SPEED_CONFIGS if a == attn]
+            if args.smoke:  # every layout, shape and reference kind once, SDPA only (CPU)
+                configs = [("tldr", "plain", "sdpa", "live"), ("tldr", "prefix_shared", "sdpa", "precompute"),
+                           ("balanced", "packed", "sdpa", "live")]
+            plan.append(("speed", "speed", [{"id": f"speed/{shape}/{layout}/{attn}/{ref}", "shape": shape,
+                                             "layout": layout, "attn": attn, "reference": ref}
+                                            for shape, layout, attn, ref in configs], 0.85))
+        if "trl" in sections:
+            shapes = ["tldr"] if args.smoke else list(s["shapes"])
+            plan.append(("trl_liger", "trl", [{"id": f"trl/{shape}/trl_liger", "shape": shape, "variant": "trl_liger"}
+                                              for shape in shapes], 1.0))
         section_seconds = {}
-        for section in SECTIONS:
-            if section not in sections:
-                continue
+        for name, task, jobs, share in plan:
             began = time.time()
-            soft = time.time() + shares[section] * max(0.0, deadline - time.time())
-            print(f"gpu_check: {section} (until +{soft - start:.0f} s of {args.budget_s:.0f} s)", flush=True)
-            if section == "correctness":
-                run_section("correctness", base, [], results_path, soft, deadline, log)
-            elif section == "speed":
-                configs = [(shape, layout, attn, ref) for ref in ("live", "precompute")
-                           for attn in ("sdpa", "flex_attention") for shape in s["shapes"]
-                           for layout, a in SPEED_CONFIGS if a == attn]
-                if args.smoke:  # every layout, shape and reference kind once, SDPA only (CPU)
-                    configs = [("tldr", "plain", "sdpa", "live"), ("tldr", "prefix_shared", "sdpa", "precompute"),
-                               ("balanced", "packed", "sdpa", "live")]
-                jobs = [{"id": f"speed/{shape}/{layout}/{attn}/{ref}", "shape": shape, "layout": layout,
-                         "attn": attn, "reference": ref} for shape, layout, attn, ref in configs]
-                run_section("speed", base, jobs, results_path, soft, deadline, log)
-            else:
-                peak = read_results(results_path).get("speed/peak", {}).get("flops")
-                variants = [(variant, shape) for variant in TRL_VARIANTS if variant != "trl_liger"
-                            for shape in s["shapes"]]
-                if args.smoke:  # each variant once
-                    variants = [("trl", "tldr"), ("trl_precompute", "balanced"), ("trl_padding_free", "tldr")]
-                jobs = [{"id": f"trl/{shape}/{variant}", "shape": shape, "variant": variant}
-                        for variant, shape in variants]
-                run_section("trl", {**base, "peak_flops": peak}, jobs, results_path, soft, deadline, log)
-                # Liger patches transformers' modules process-wide: its own child.
-                liger = [{"id": f"trl/{shape}/trl_liger", "shape": shape, "variant": "trl_liger"}
-                         for shape in (["tldr"] if args.smoke else s["shapes"])]
-                run_section("trl", {**base, "peak_flops": peak}, liger, results_path, deadline, deadline, log)
-            section_seconds[section] = round(time.time() - began, 1)
+            soft = began + share * max(0.0, deadline - began)
+            print(f"gpu_check: {name} (until +{soft - start:.0f} s of {args.budget_s:.0f} s)", flush=True)
+            run_section(task, base, jobs, results_path, soft, deadline, log)
+            section_seconds[name] = round(time.time() - began, 1)
     results = read_results(results_path)
     elapsed = time.time() - start
     report = render(results, s, args, elapsed, section_seconds)
@@ -797,6 +795,11 @@ def main() -> None:
 
 # ------------------------------------------------------------------------------------------------
 # The report
+
+
+def mfu(r: dict, results: dict[str, dict]) -> float | None:
+    peak = results.get("speed/peak", {}).get("flops")
+    return r["model_flops_per_s"] / peak if peak and r.get("model_flops_per_s") else None
 
 
 def fmt(x, spec: str = ".2f", none: str = "-") -> str:
@@ -860,6 +863,8 @@ def render(results: dict[str, dict], s: dict, args, elapsed: float, section_seco
               "| shape | system | layout | attention | reference | pairs/s | tokens/s | peak GPU GB | MFU | x TRL | "
               "mem / TRL | note |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     speed = [r for k, r in results.items() if (k.startswith("speed/") or k.startswith("trl/")) and "system" in r]
+    order = list(s["shapes"])
+    speed.sort(key=lambda r: (order.index(r["shape"]) if r["shape"] in order else 99, r["system"] != "prefopt"))
     trl_base = {(r["shape"]): r for r in speed if r["system"] == "trl" and r.get("pairs_per_s")}
     for r in speed:
         base = trl_base.get(r["shape"])
@@ -874,7 +879,7 @@ def render(results: dict[str, dict], s: dict, args, elapsed: float, section_seco
             note = (note + "; " if note else "") + f"precompute pass {r['precompute_seconds']:.2f} s"
         lines.append(f"| {r['shape']} | {r['system']} | {r['layout']} | {r['attn']} | {r['reference']} | "
                      f"{fmt(r.get('pairs_per_s'))} | {fmt(r.get('tokens_per_s'), '.0f')} | {fmt(r.get('peak_mem_gb'))} | "
-                     f"{fmt(100 * r['mfu'] if r.get('mfu') is not None else None, '.0f')}{'%' if r.get('mfu') is not None else ''} | "
+                     f"{fmt(100 * u if (u := mfu(r, results)) is not None else None, '.1f')}{'%' if u is not None else ''} | "
                      f"{fmt(x)} | {fmt(m)} | {note} |")
     autos = [r for k, r in results.items() if k.startswith("speed/") and "auto" in r]
     if autos:
@@ -920,8 +925,10 @@ def targets(results: dict[str, dict], s: dict) -> list[str]:
         else:
             out.append(f"- {shape}: prefopt / TRL pairs/s: no TRL result in this run")
         if s["mode"] == "gpu":
-            out.append(f"- {shape}: prefopt ({label}) MFU = {100 * best['mfu']:.0f}% (target >= 40%) "
-                       f"{'met' if best['mfu'] >= 0.4 else 'NOT met'}")
+            u = mfu(best, results)
+            if u is not None:
+                out.append(f"- {shape}: prefopt ({label}) MFU = {100 * u:.0f}% (target >= 40%) "
+                           f"{'met' if u >= 0.4 else 'NOT met'}")
     if s["mode"] == "smoke":
         out.append("- (smoke mode: the speed targets are for the GPU run; these ratios are of tiny CPU runs)")
     return out

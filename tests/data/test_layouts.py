@@ -295,9 +295,9 @@ def test_flex_attention_matches_plain_on_gpu():
 
 
 def test_attn_implementation_loads_policy_and_reference_with_it(tiny_llama, easy_data):
-    from prefopt.recipes import build_models
-
     from accelerate.utils import DistributedType
+
+    from prefopt.recipes import build_models
 
     class OneProcess:  # the Accelerator attributes build_models reads, without creating one
         mixed_precision, local_process_index, num_processes = "no", 0, 1
