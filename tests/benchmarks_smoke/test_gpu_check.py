@@ -21,16 +21,22 @@ from benchmarks import gpu_check  # noqa: E402
 
 def test_compare_measures_by_hand():
     a = {"logps": torch.tensor([-10.0, -5.0], dtype=torch.float64),
-         "grads": {"w": torch.tensor([3.0, 4.0]), "b": torch.tensor([1.0]), "z": torch.zeros(2)}}
+         "grads": {"w": torch.tensor([3.0, 4.0]), "b": torch.tensor([1.0]), "z": torch.zeros(2),
+                   "k_bias": torch.tensor([2e-6])}}
     b = {"logps": torch.tensor([-10.0, -4.0], dtype=torch.float64),
-         "grads": {"w": torch.tensor([3.0, 4.5]), "b": torch.tensor([2.0]), "z": torch.zeros(2)}}
+         "grads": {"w": torch.tensor([3.0, 4.5]), "b": torch.tensor([2.0]), "z": torch.zeros(2),
+                   "k_bias": torch.tensor([1e-6])}}
     d = gpu_check.compare(a, b)
     assert d["logps"] == pytest.approx(1.0 / 10.0)  # max |a - b| / max |b|
-    # w: ||(0, -0.5)|| / ||(3, 4.5)|| = 0.0925; b: 1 / 2 = 0.5 (the worst); z: zero gradient, skipped
+    # w: ||(0, -0.5)|| / ||(3, 4.5)|| = 0.0925; b: 1 / 2 = 0.5 (the worst); z: equal zeros, 0; k_bias: a
+    # rounding-noise gradient, 1e-6 against the floor 1e-3 * ||(3, 4.5, 2, 0, 0, 1e-6)|| = 5.77e-3, not against 1e-6
     assert d["grads"] == pytest.approx(0.5) and d["worst_param"] == "b"
-    assert d["params"] == 3 and d["missing_grads"] == []
-    del a["grads"]["w"]
-    assert gpu_check.compare(a, b)["missing_grads"] == ["w"]
+    assert d["params"] == 4 and d["missing_grads"] == []
+    del b["grads"]["b"]
+    a["grads"]["w"] = b["grads"]["w"].clone()
+    d = gpu_check.compare(a, b)
+    assert d["grads"] == pytest.approx(1e-6 / (1e-3 * (9 + 4.5**2 + 1e-12) ** 0.5), rel=1e-4)
+    assert d["worst_param"] == "k_bias" and d["missing_grads"] == ["b"]
 
 
 def test_tolerances():
@@ -112,3 +118,25 @@ def test_smoke_mode_runs_every_section(tmp_path):
     if "pairs_per_s" in results["trl/tldr/trl_padding_free"]:
         assert "falls back to padding" in results["trl/tldr/trl_padding_free"]["note"]
     assert "skipped" in results["trl/tldr/trl_liger"]
+
+
+def test_check_catches_a_wrong_mask():
+    """The comparison the GPU check makes fails when a layout is wrong: a prefix-shared batch whose
+    rejected branch may see the chosen one (plain causal mask) gives other log-probs and gradients."""
+    from prefopt.data.collate import PaddedPairCollator
+    from prefopt.data.layouts import PrefixSharedCollator
+
+    model = gpu_check.build_model("llama", "tiny", "sdpa", "cpu").eval()
+    pairs = gpu_check.random_pairs(3, 512, seed=0, scale=1)
+    base = gpu_check.run_variant(model, PaddedPairCollator(0)(pairs), selective=True, bf16=False, grads=True,
+                                 device="cpu")
+    shared = PrefixSharedCollator(0)(pairs)
+    good = gpu_check.compare(gpu_check.run_variant(model, shared, selective=True, bf16=False, grads=True,
+                                                   device="cpu"), base)
+    tol = gpu_check.tolerances("fp32", {})
+    assert good["logps"] <= tol["logps"] and good["grads"] <= tol["grads"]
+    n = shared["input_ids"].shape[1]
+    shared["attention_mask"] = torch.ones(n, n, dtype=torch.bool).tril().expand(len(pairs), 1, n, n).clone()
+    bad = gpu_check.compare(gpu_check.run_variant(model, shared, selective=True, bf16=False, grads=True,
+                                                  device="cpu"), base)
+    assert bad["logps"] > 100 * tol["logps"] and bad["grads"] > 100 * tol["grads"]
