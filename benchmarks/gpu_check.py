@@ -287,10 +287,13 @@ def correctness_child(spec: dict, results: Results) -> None:
         except Exception as e:  # noqa: BLE001 - reported as a row
             results.put(f"correctness/{arch}", error=short_error(e), trace=traceback.format_exc()[-2000:])
             continue
-        base = {}
-        for dtype in ("fp32", "bf16"):
-            bf16 = dtype == "bf16"
-            base[dtype] = run_variant(sdpa, batches["plain"], selective=True, bf16=bf16, grads=True, device=device)
+        try:  # the baseline: plain layout, SDPA, selective head, in both precisions
+            base = {dtype: run_variant(sdpa, batches["plain"], selective=True, bf16=dtype == "bf16", grads=True,
+                                       device=device) for dtype in ("fp32", "bf16")}
+        except Exception as e:  # noqa: BLE001 - reported as a row
+            results.put(f"correctness/{arch}", error="baseline: " + short_error(e),
+                        trace=traceback.format_exc()[-2000:])
+            continue
         noise = compare(base["bf16"], base["fp32"])
         results.put(f"correctness/{arch}/bf16-noise", arch=arch, noise=noise)
         variants = [("prefix_shared", "sdpa", True), ("packed", "sdpa", True), ("plain", "sdpa", False),
@@ -443,9 +446,7 @@ def speed_child(spec: dict, results: Results) -> None:
         clock["ends"], clock["precompute"] = [], 0.0
         model = None
         try:
-            if device == "cuda":
-                torch.cuda.empty_cache()
-                torch.cuda.reset_peak_memory_stats()
+            leftover = reset_peak_memory(device)
             model = build_model("qwen2", spec["speed_size"], attn, device)
             cfg = prefopt.TrainConfig(
                 output_dir=str(work / job["id"].replace("/", "-")), max_length=spec["max_length"],
@@ -463,6 +464,7 @@ def speed_child(spec: dict, results: Results) -> None:
             res.update(total_seconds=total, precompute_seconds=clock["precompute"] if reference == "precompute" else None)
             if device == "cuda":
                 res["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
+                res["leftover_gb"] = leftover
             results.put(job["id"], **row, **res)
         except Exception as e:  # noqa: BLE001 - reported as a row
             results.put(job["id"], **row, error=short_error(e), trace=traceback.format_exc()[-2000:])
@@ -473,6 +475,21 @@ def speed_child(spec: dict, results: Results) -> None:
             gc.collect()
             if device == "cuda":
                 torch.cuda.empty_cache()
+
+
+def reset_peak_memory(device: str) -> float | None:
+    """Start a configuration's peak-memory count; returns the GB still allocated from earlier ones
+    (they count in its peak: the table flags more than 0.1 GB)."""
+    if device != "cuda":
+        return None
+    import gc
+
+    import torch
+
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    return torch.cuda.memory_allocated() / 2**30
 
 
 def tokenized(rows: list[dict], tok, max_length: int):
@@ -551,9 +568,7 @@ def trl_child(spec: dict, results: Results) -> None:
             clock["ends"], clock["precompute"] = [], 0.0
             rows = make_rows(tuple(spec["shapes"][shape]), n_pairs, words)
             lengths = pair_lengths(rows, tok, spec["max_length"])
-            if device == "cuda":
-                torch.cuda.empty_cache()
-                torch.cuda.reset_peak_memory_stats()
+            leftover = reset_peak_memory(device)
             model = build_model("qwen2", spec["speed_size"], "sdpa", device)
             precompute = variant == "trl_precompute"
             # A model given as an object has no path TRL could load its reference from: pass a copy.
@@ -579,6 +594,7 @@ def trl_child(spec: dict, results: Results) -> None:
             res["precompute_seconds"] = clock["precompute"] if precompute else None
             if device == "cuda":
                 res["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
+                res["leftover_gb"] = leftover
             if note is None and caught and variant != "trl":
                 msgs = [str(w.message).splitlines()[0][:160] for w in caught if "padding" in str(w.message).lower()]
                 note = msgs[0] if msgs else None
@@ -879,6 +895,8 @@ def render(results: dict[str, dict], s: dict, args, elapsed: float, section_seco
             note = "ERROR: " + r["error"]
         if r.get("precompute_seconds") is not None:
             note = (note + "; " if note else "") + f"precompute pass {r['precompute_seconds']:.2f} s"
+        if (r.get("leftover_gb") or 0) > 0.1:
+            note = (note + "; " if note else "") + f"{r['leftover_gb']:.1f} GB left allocated by earlier configurations"
         lines.append(f"| {r['shape']} | {r['system']} | {r['layout']} | {r['attn']} | {r['reference']} | "
                      f"{fmt(r.get('pairs_per_s'))} | {fmt(r.get('tokens_per_s'), '.0f')} | {fmt(r.get('peak_mem_gb'))} | "
                      f"{fmt(100 * u if (u := mfu(r, results)) is not None else None, '.1f')}{'%' if u is not None else ''} | "
