@@ -26,7 +26,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SECTION = "## `prefopt online`: time per round by stage"
-MARKER = "<!-- other benchmarks: kept when this script rewrites the file -->"
 
 
 def build_sft(directory: Path) -> Path:
@@ -128,15 +127,13 @@ def main() -> int:
     if not args.no_write:
         path = Path(args.output)
         text = path.read_text(encoding="utf-8") if path.is_file() else ""
-        if MARKER not in text:
-            text = text.rstrip("\n") + "\n\n" + MARKER + "\n"
-        head, _, tail = text.partition(MARKER)
-        # Replace this script's section (up to the next `## ` heading of another script), keep the rest.
-        if SECTION in tail:
-            before, _, rest = tail.partition(SECTION)
+        # This script's section goes last, after bench_dpo.py's "## GPU check" heading, from which on
+        # bench_dpo.py keeps the file when it rewrites its table.
+        if SECTION in text:
+            before, _, rest = text.partition(SECTION)
             nxt = rest.find("\n## ")
-            tail = before + (rest[nxt + 1:] if nxt >= 0 else "")
-        path.write_text(head + MARKER + "\n\n" + report + tail.lstrip("\n"), encoding="utf-8")
+            text = before.rstrip("\n") + ("\n\n" + rest[nxt + 1:] if nxt >= 0 else "")
+        path.write_text(text.rstrip("\n") + "\n\n" + report, encoding="utf-8")
         print(f"wrote {path}", file=sys.stderr)
     return 0
 

@@ -233,6 +233,12 @@ class TrainConfig:
         "round; per_round = the policy at the start of each round (iterative DPO).",
         choices=("fixed", "per_round"), group="online",
     )
+    # --- verified results: what a resumed run checks besides the checkpoint's checksums ---
+    ignore_data_change: bool = opt(
+        False, "Resume even when the tokenized training data differs from the data the checkpoint was trained "
+        "on (by default such a resume is refused: the result would not be the run it continues).",
+        group="verification",
+    )
     # --- scale-out: precision, memory savers, LoRA/QLoRA ---
     bf16: bool = opt(False, "bf16 mixed precision (autocast through Accelerate).", group="scale")
     fp16: bool = opt(False, "fp16 mixed precision with dynamic loss scaling (GPU only).", group="scale")
@@ -255,6 +261,13 @@ class TrainConfig:
                              group="scale")
     merge_adapter_on_save: bool = opt(
         False, "With use_peft: also write the merged model (base + adapter) to OUTPUT_DIR/merged.", group="scale"
+    )
+    # --- attention backend (GPU: FlexAttention's block masks for the shared layouts) ---
+    attn_implementation: str = opt(
+        "auto", "Attention kernel of the policy and reference loaded from a path: auto (transformers' default, "
+        "sdpa), sdpa, eager, flex_attention (GPU: block masks that skip what prefix sharing and packing mask "
+        "out), flash_attention_2/3 (plain layout only). layout: auto takes it into account.",
+        choices=("auto", "sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3"), group="attention",
     )
 
     def validate(self, *, require_paths: bool = True) -> TrainConfig:
@@ -322,6 +335,10 @@ class TrainConfig:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
         return self.validate(require_paths=False)
+
+    def attention_kwargs(self) -> dict[str, str]:
+        """``from_pretrained`` keywords for ``attn_implementation`` (none for auto: transformers' default)."""
+        return {} if self.attn_implementation == "auto" else {"attn_implementation": self.attn_implementation}
 
     def loss_options(self) -> LossOptions:
         """The validated loss options these keys describe (built once per run, held by the objective)."""
