@@ -99,7 +99,9 @@ def test_a_run_stopped_while_scoring_resumes_to_the_uninterrupted_result(tiny_ll
         return good_word_score(texts)
 
     monkeypatch.setattr(prefopt.toy, "good_word_score", dies_on_the_second_call)
-    with pytest.raises(RuntimeError, match="killed while scoring"):
+    from prefopt.errors import PrefoptError
+
+    with pytest.raises(PrefoptError, match="killed while scoring"):  # a scorer's failure, named
         run_online(_cfg(tiny_llama, easy_data["train"], tmp_path / "killed", **cfg), progress=False)
     assert (tmp_path / "killed" / "rounds" / "2" / "generations.jsonl").is_file()
     assert not (tmp_path / "killed" / "rounds" / "2" / "samples.jsonl").exists()
