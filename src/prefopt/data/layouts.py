@@ -141,18 +141,29 @@ def _row_cost(length: int, hidden: int) -> float:
     return 24.0 * hidden * hidden * length + 4.0 * hidden * length * length
 
 
-def estimate_costs(pairs: list[TokenizedPair], batch_size: int, hidden: int, *, samples: int = 64,
-                   seed: int = 0, row_tokens: int = 0) -> dict[str, float]:
-    """Mean estimated cost of one batch in each layout, over random batches of the data."""
+def pair_lengths(pairs) -> tuple:
+    """Prompt, chosen and rejected token counts of every pair: from a store's offset columns
+    (``PairStore.lengths``, no pair is built), else from the pairs."""
+    if hasattr(pairs, "lengths"):
+        return pairs.lengths()
+    return ([len(p.prompt_ids) for p in pairs], [len(p.chosen_ids) for p in pairs],
+            [len(p.rejected_ids) for p in pairs])
 
+
+def estimate_costs(pairs, batch_size: int, hidden: int, *, samples: int = 64,
+                   seed: int = 0, row_tokens: int = 0) -> dict[str, float]:
+    """Mean estimated cost of one batch in each layout, over random batches of the data. Only
+    the token counts are read (``pair_lengths``)."""
+
+    prompt, chosen, rejected = pair_lengths(pairs)
     rng = random.Random(seed)
     costs = dict.fromkeys(LAYOUTS, 0.0)
-    n = len(pairs)
+    n = len(prompt)
     for _ in range(samples):
-        batch = [pairs[rng.randrange(n)] for _ in range(min(batch_size, n))]
-        plain_width = max(len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)) for p in batch)
+        batch = [rng.randrange(n) for _ in range(min(batch_size, n))]
+        plain_width = int(max(prompt[j] + max(chosen[j], rejected[j]) for j in batch))
         costs["plain"] += 2 * len(batch) * _row_cost(plain_width, hidden)
-        lengths = sorted((segment_length(p) for p in batch), reverse=True)
+        lengths = sorted((int(prompt[j] + chosen[j] + rejected[j]) for j in batch), reverse=True)
         costs["prefix_shared"] += len(batch) * _row_cost(lengths[0], hidden)
         capacity = max(row_tokens, lengths[0])
         room: list[int] = []
@@ -167,7 +178,7 @@ def estimate_costs(pairs: list[TokenizedPair], batch_size: int, hidden: int, *, 
     return {k: v / samples for k, v in costs.items()}
 
 
-def choose_layout(requested: str, pairs: list[TokenizedPair], batch_size: int, *, attn_impl: str = "sdpa",
+def choose_layout(requested: str, pairs, batch_size: int, *, attn_impl: str = "sdpa",
                   hidden_size: int = 1024, row_tokens: int = 0) -> str:
     """``requested`` itself, or for ``auto`` the layout with the lowest estimated cost (a layout
     must save at least 5% over a simpler one to be chosen). Models whose attention implementation
