@@ -451,7 +451,11 @@ def finish(results, args, lengths, peak, peaks=()) -> None:
     report = render(rows, args, peak, n_pairs, peaks)
     print(report)
     if not args.quick:
-        Path(args.output).write_text(report, encoding="utf-8")
+        # Keep the data-preparation section that benchmarks/bench_data.py writes below its marker.
+        old = Path(args.output).read_text(encoding="utf-8") if Path(args.output).exists() else ""
+        mark = "<!-- bench_data.py:"
+        kept = old[old.index(mark):] if mark in old else ""
+        Path(args.output).write_text(report + ("\n" + kept if kept else ""), encoding="utf-8")
         print(f"wrote {args.output}")
 
 

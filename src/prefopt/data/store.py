@@ -218,8 +218,8 @@ def record_batch(encoded: dict[str, np.ndarray]) -> pa.RecordBatch:
         np.cumsum(lengths, out=offsets[1:])
         arrays.append(pa.ListArray.from_arrays(pa.array(offsets), pa.array(encoded[name], type=pa.int32())))
     for name in ("score_chosen", "score_rejected"):
-        values = encoded[name]
-        arrays.append(pa.array(values, type=pa.float64(), mask=np.isnan(values)))
+        # NaN marks "no score"; a list with None keeps pyarrow from importing pandas for the mask.
+        arrays.append(pa.array([None if v != v else v for v in encoded[name].tolist()], type=pa.float64()))
     arrays.append(pa.array(encoded["index"], type=pa.int64()))
     arrays.append(pa.array(encoded["row"], type=pa.int64()))
     return pa.RecordBatch.from_arrays(arrays, schema=SCHEMA)
