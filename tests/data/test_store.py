@@ -389,3 +389,40 @@ def test_eval_offset_view_and_indices(tmp_path):
     assert [p.index for p in shifted] == [p.index + 100 for p in store] == (store.indices() + 100).tolist()
     assert [p.prompt_ids for p in shifted] == [p.prompt_ids for p in store]
     assert store.fingerprint and shifted.fingerprint != store.fingerprint
+
+
+def test_a_hit_on_large_files_reads_neither_the_data_nor_the_store_again(tmp_path, monkeypatch):
+    """Above REMEMBER_BYTES (lowered here) the data file's digest is remembered by path, size,
+    mtime and inode and the store's checksum is skipped while its mtime is the recorded one: a hit
+    costs no pass over gigabytes. Any write to either is noticed."""
+    import prefopt.data.store as store_mod
+
+    monkeypatch.setattr(store_mod, "REMEMBER_BYTES", 0)
+    hashed = []
+    real = store_mod._hash_file
+    monkeypatch.setattr(store_mod, "_hash_file", lambda h, path: (hashed.append(Path(path).name), real(h, path)))
+    tok = tokenizer()
+    rows = rows_for("explicit")
+    path = write_rows(tmp_path / "d.jsonl", rows)
+    cfg = cfg_for(tmp_path)
+    _, summary = prepare_dataset(cfg, str(path), "train", tok)
+    assert summary["store"]["cache"] == "built" and "d.jsonl" in hashed
+    hashed.clear()
+    _, summary = prepare_dataset(cfg, str(path), "train", tok)
+    assert summary["store"]["cache"] == "hit" and hashed == []
+    # The data file is rewritten (another mtime): hashed again, and a miss.
+    write_jsonl(path, rows[:-1])
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    _, summary2 = prepare_dataset(cfg, str(path), "train", tok)
+    assert "d.jsonl" in hashed and summary2["store"]["cache"] == "built" and summary2["rows_read"] == 22
+    # The store is damaged in place (its mtime changes): the checksum runs and it is rebuilt.
+    pairs = Path(summary2["store"]["path"]) / PAIRS_FILE
+    data = bytearray(pairs.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    pairs.write_bytes(bytes(data))
+    os.utime(pairs, ns=(pairs.stat().st_atime_ns, pairs.stat().st_mtime_ns + 10**9))
+    hashed.clear()
+    store, summary3 = prepare_dataset(cfg, str(path), "train", tok)
+    assert summary3["store"]["cache"] == "built" and PAIRS_FILE in hashed
+    assert list(store) == old_path(cfg, path, tok)[0]

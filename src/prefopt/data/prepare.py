@@ -90,12 +90,12 @@ def prepare_dataset(cfg, spec, split: str, tokenizer, *, score_policy: bool = Tr
     def build(directory: Path) -> tuple[int, dict]:
         return _build(cfg, spec, split, tokenizer, score_policy, directory)
 
-    data = source_fingerprint(spec, split) if cfg.data_cache else None
+    root = cache_root(cfg)
+    data = source_fingerprint(spec, split, root / "digests") if cfg.data_cache else None
     if data is not None:
         parts = {"data": data, "tokenizer": tokenizer_fingerprint(tokenizer),
                  "settings": data_settings(cfg, score_policy)}
         key = store_key(parts)
-        root = cache_root(cfg)
         check_writable(root)
         directory, manifest, hit = get_or_build(root, key, build)
         cache = "hit" if hit else "built"

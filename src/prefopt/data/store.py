@@ -74,21 +74,57 @@ def _hash_file(h, path: Path) -> None:
             h.update(block)
 
 
-def source_fingerprint(spec, split: str) -> dict[str, Any] | None:
+# Files at least this large have their digest remembered by (path, size, mtime, inode), so a cache
+# hit on a multi-GB file does not read it again. Any write changes the mtime, and writing this much
+# takes far longer than the filesystem's timestamp granularity, so a rewritten file is never
+# mistaken for the old one; smaller files are cheap to hash every time.
+REMEMBER_BYTES = 64 << 20
+
+
+def _file_identity(path: Path) -> str:
+    st = path.stat()
+    return f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}:{st.st_ino}"
+
+
+def file_digest(path: Path, memo_dir: Path | None = None) -> str:
+    """xxh3-128 of a file's bytes; remembered under ``memo_dir`` for large files."""
+    memo = None
+    if memo_dir is not None and path.stat().st_size >= REMEMBER_BYTES:
+        ident = _file_identity(path)
+        memo = memo_dir / f"{xxhash.xxh3_64_hexdigest(ident.encode())}.json"
+        try:
+            record = json.loads(memo.read_text())
+            if record["identity"] == ident:
+                return record["digest"]
+        except (OSError, ValueError, KeyError):
+            pass
+    h = xxhash.xxh3_128()
+    _hash_file(h, path)
+    digest = h.hexdigest()
+    if memo is not None:
+        try:
+            memo_dir.mkdir(parents=True, exist_ok=True)
+            tmp = memo.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps({"identity": ident, "digest": digest}))
+            os.replace(tmp, memo)
+        except OSError:
+            pass  # a read-only cache only costs the next run a re-hash
+    return digest
+
+
+def source_fingerprint(spec, split: str, memo_dir: Path | None = None) -> dict[str, Any] | None:
     """What identifies a dataset's content: a hash of a file's bytes (and its suffix, which picks
     the reader), or of every file of a ``save_to_disk`` directory and the split. ``None`` for rows
     in memory and hub ids, which are then not cached (a temporary store serves the run)."""
     if not isinstance(spec, str | Path):
         return None
     path = Path(spec)
-    h = xxhash.xxh3_128()
     if path.is_file():
-        _hash_file(h, path)
-        return {"file": h.hexdigest(), "suffix": path.suffix.lower()}
+        return {"file": file_digest(path, memo_dir), "suffix": path.suffix.lower()}
     if path.is_dir():
+        h = xxhash.xxh3_128()
         for file in sorted(p for p in path.rglob("*") if p.is_file()):
-            h.update(str(file.relative_to(path)).encode() + b"\0")
-            _hash_file(h, file)
+            h.update(str(file.relative_to(path)).encode() + b"\0" + file_digest(file, memo_dir).encode())
         return {"directory": h.hexdigest(), "split": split}
     return None
 
@@ -268,8 +304,10 @@ def _finish(directory: Path, num_pairs: int, manifest: dict[str, Any]) -> dict[s
     pairs = directory / PAIRS_FILE
     with pairs.open("rb") as fh:
         os.fsync(fh.fileno())
-    manifest = {**manifest, "version": STORE_VERSION, "num_pairs": num_pairs, "bytes": pairs.stat().st_size,
-                "checksum": _checksum(pairs), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    st = pairs.stat()
+    manifest = {**manifest, "version": STORE_VERSION, "num_pairs": num_pairs, "bytes": st.st_size,
+                "mtime_ns": st.st_mtime_ns, "checksum": _checksum(pairs),
+                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     tmp = directory / (MANIFEST + ".tmp")
     tmp.write_text(json.dumps(manifest, indent=2) + "\n")
     os.replace(tmp, directory / MANIFEST)
@@ -278,13 +316,17 @@ def _finish(directory: Path, num_pairs: int, manifest: dict[str, Any]) -> dict[s
 
 def read_manifest(directory: Path, *, verify: bool = True) -> dict[str, Any] | None:
     """The manifest of a complete, intact store, else ``None`` (missing, half-written or damaged:
-    the pairs file's size, checksum and pair count must match the manifest)."""
+    the pairs file's size, checksum and pair count must match the manifest). The checksum is
+    skipped for a large file whose modification time is still the one recorded at the build (it
+    has not been written since, see ``REMEMBER_BYTES``): a hit on a multi-GB store stays fast."""
     try:
         manifest = json.loads((directory / MANIFEST).read_text())
         pairs = directory / PAIRS_FILE
-        if manifest.get("version") != STORE_VERSION or pairs.stat().st_size != manifest["bytes"]:
+        st = pairs.stat()
+        if manifest.get("version") != STORE_VERSION or st.st_size != manifest["bytes"]:
             return None
-        if verify and _checksum(pairs) != manifest["checksum"]:
+        unchanged = st.st_size >= REMEMBER_BYTES and st.st_mtime_ns == manifest.get("mtime_ns")
+        if verify and not unchanged and _checksum(pairs) != manifest["checksum"]:
             return None
         with pa.memory_map(str(pairs), "r") as fh:
             if pa.ipc.open_stream(fh).read_all().num_rows != manifest["num_pairs"]:
@@ -354,7 +396,7 @@ def list_stores(root: Path) -> list[dict[str, Any]]:
     out = []
     if not root.is_dir():
         return out
-    for d in sorted(p for p in root.iterdir() if p.is_dir()):
+    for d in sorted(p for p in root.iterdir() if p.is_dir() and p.name != "digests"):
         size = sum(f.stat().st_size for f in d.rglob("*") if f.is_file())
         manifest = None if d.name.startswith(".tmp-") else read_manifest(d, verify=False)
         entry = {"key": d.name, "path": str(d), "bytes": size, "complete": manifest is not None}
@@ -377,6 +419,8 @@ def clear_stores(root: Path) -> tuple[int, int]:
             n += 1
         elif d.suffix == ".lock":
             d.unlink(missing_ok=True)
+        elif d.name == "digests":  # remembered digests of large data files
+            shutil.rmtree(d, ignore_errors=True)
     return n, freed
 
 
