@@ -20,7 +20,6 @@ from prefopt.data.store import (
     PairStore,
     build_temporary,
     cache_root,
-    check_writable,
     encode_pairs,
     get_or_build,
     record_batch,
@@ -96,7 +95,6 @@ def prepare_dataset(cfg, spec, split: str, tokenizer, *, score_policy: bool = Tr
         parts = {"data": data, "tokenizer": tokenizer_fingerprint(tokenizer),
                  "settings": data_settings(cfg, score_policy)}
         key = store_key(parts)
-        check_writable(root)
         directory, manifest, hit = get_or_build(root, key, build)
         cache = "hit" if hit else "built"
     else:

@@ -353,7 +353,11 @@ def get_or_build(root: Path, key: str, build: Builder) -> tuple[Path, dict[str, 
     manifest = read_manifest(final)
     if manifest is not None:
         return final, manifest, True
-    root.mkdir(parents=True, exist_ok=True)
+    check_writable(root)
+    if not os.access(root, os.W_OK):
+        raise PrefoptError(f"data_cache_dir {root} is not writable and holds no store for this data and these "
+                           "settings: build it where it is writable (prefopt prepare), set data_cache_dir, or "
+                           "data_cache: false")
     with FileLock(str(root / f"{key}.lock")):
         manifest = read_manifest(final)  # another process may have built it while we waited
         if manifest is not None:
