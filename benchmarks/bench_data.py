@@ -185,6 +185,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     started = time.strftime("%Y-%m-%d %H:%M", time.gmtime())
     load_before = os.getloadavg()
+    print("META " + json.dumps({"started": started, "load_before": load_before}), flush=True)
     rows = []
     for n in sizes:
         data = work / f"pairs-{n}.jsonl"
@@ -204,7 +205,9 @@ def main() -> None:
             row["waiter_rss"] = next(r for r in pair if r["cache"] == "hit")["rss_mb"]
         print(json.dumps(row), flush=True)
         if n in trl_sizes:
-            env = {"HF_DATASETS_CACHE": str(work / f"hf-{n}"), "TOKENIZERS_PARALLELISM": "true"}
+            # TOKENIZERS_PARALLELISM is left as it is for both systems: forcing it on makes the fast
+            # tokenizer deadlock in the workers that datasets.map forks.
+            env = {"HF_DATASETS_CACHE": str(work / f"hf-{n}")}
             trl = run_children([{**base, "system": "trl", "out": str(work / f"trl-{n}")}], env=env)[0]
             row.update(trl_s=trl["seconds"], trl_load_s=trl["load_seconds"], trl_rss=trl["rss_mb"],
                        trl_pairs=trl["pairs"])
