@@ -58,6 +58,7 @@ GPT2_TOKENIZER = Path(os.environ.get("PREFOPT_BENCH_TOKENIZER", "/work/shared/da
 VOCAB = 50257
 SHAPES = {"tldr": (384, 48), "balanced": (128, 128)}  # prompt, response tokens
 SYSTEMS = ("prefopt", "prefopt_precompute", "trl", "trl_precompute")
+GPU_SECTION = "## GPU check"  # docs/benchmarks.md from this heading on is kept when the table is rewritten
 
 
 # ------------------------------------------------------------------------------------------------
@@ -451,11 +452,13 @@ def finish(results, args, lengths, peak, peaks=()) -> None:
     report = render(rows, args, peak, n_pairs, peaks)
     print(report)
     if not args.quick:
-        # Keep the data-preparation section that benchmarks/bench_data.py writes below its marker.
-        old = Path(args.output).read_text(encoding="utf-8") if Path(args.output).exists() else ""
-        mark = "<!-- bench_data.py:"
-        kept = old[old.index(mark):] if mark in old else ""
-        Path(args.output).write_text(report + ("\n" + kept if kept else ""), encoding="utf-8")
+        output = Path(args.output)
+        # The GPU check's section (benchmarks/gpu_check.py) and the data-preparation section
+        # (benchmarks/bench_data.py) are not this benchmark's: keep them, from the first one on.
+        old = output.read_text(encoding="utf-8") if output.exists() else ""
+        marks = [old.index(m) for m in (GPU_SECTION, "<!-- bench_data.py:") if m in old]
+        kept = old[min(marks):] if marks else ""
+        output.write_text(report + ("\n" + kept if kept else ""), encoding="utf-8")
         print(f"wrote {args.output}")
 
 
