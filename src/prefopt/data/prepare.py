@@ -10,7 +10,10 @@ from prefopt.data.formats import Columns, load_pairs
 from prefopt.data.records import PreferencePair
 from prefopt.data.tokenize import TokenizedPair, tokenize_pairs
 from prefopt.errors import DataError
+import torch
+
 from prefopt.losses.combine import loss_needs_scores
+from prefopt.losses.offsets import odpo_offset
 
 
 def apply_score_policy(pairs: list[PreferencePair], cfg) -> tuple[list[PreferencePair], int]:
@@ -40,7 +43,29 @@ def apply_score_policy(pairs: list[PreferencePair], cfg) -> tuple[list[Preferenc
             if cfg.nonpositive_score_diff == "drop":
                 continue
         kept.append(pair)
+    check_offsets(kept, cfg)
     return kept, affected
+
+
+def check_offsets(pairs: list[PreferencePair], cfg) -> None:
+    """Compute every pair's ODPO offset now, with the function training uses, so that a pair whose
+    offset is undefined or infinite (``log_ratio`` on a non-positive score, scores of +-1e308 whose
+    difference overflows) is named before a model loads, not found as a crash or a NaN loss mid-run."""
+    if not pairs:
+        return
+    s_w = torch.tensor([p.score_chosen for p in pairs], dtype=torch.float64)
+    s_l = torch.tensor([p.score_rejected for p in pairs], dtype=torch.float64)
+    bad = s_l <= 0 if cfg.offset_scaling == "log_ratio" else torch.zeros(len(pairs), dtype=torch.bool)
+    if not bad.any():
+        offsets = odpo_offset(s_w, s_l, alpha=cfg.alpha, scaling=cfg.offset_scaling, on_nonpositive="clamp")
+        bad = ~torch.isfinite(offsets)
+    if bad.any():
+        pair = pairs[int(bad.nonzero()[0])]
+        why = (f"offset_scaling 'log_ratio' needs positive scores, got {cfg.score_rejected_column} "
+               f"{pair.score_rejected}" if cfg.offset_scaling == "log_ratio" and pair.score_rejected <= 0 else
+               f"the ODPO offset alpha*{cfg.offset_scaling}({pair.score_chosen}, {pair.score_rejected}) is not finite")
+        field = cfg.score_rejected_column if "log_ratio" in why else cfg.score_chosen_column
+        raise DataError(pair.source, pair.row, field, why, pair.row_label)
 
 
 def prepare_dataset(cfg, spec, split: str, tokenizer, *, score_policy: bool = True) -> tuple[list[TokenizedPair], dict]:
