@@ -6,12 +6,12 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import torch
+
 from prefopt.data.formats import Columns, load_pairs
 from prefopt.data.records import PreferencePair
 from prefopt.data.tokenize import TokenizedPair, tokenize_pairs
 from prefopt.errors import DataError
-import torch
-
 from prefopt.losses.combine import loss_needs_scores
 from prefopt.losses.offsets import odpo_offset
 

@@ -11,8 +11,9 @@ into place, so a directory named ``checkpoint-*`` is complete. It holds:
 
 The data order is a pure function of ``(seed, epoch)`` (``data_order.Schedule``), so restoring the step
 restores the position in the data. Assumptions for several processes: every process sees the same
-``output_dir`` (a shared file system), and the optimizer state is replicated (plain DDP), so the main
-process saves it once; sharded optimizers (FSDP, ZeRO) would need one optimizer file per rank.
+``output_dir`` (a shared file system), and the optimizer state is saved whole: under plain DDP the main
+process holds all of it; under FSDP2 every process takes part in gathering the full state (and, on
+restore, loads its shard of it), so a checkpoint does not depend on the process count.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from safetensors.torch import load_file
 
 from prefopt.errors import PrefoptError
 from prefopt.io import write_text_atomic
+from prefopt.training.distributed import engine_of
 
 STATE_FILE = "training_state.pt"
 MANIFEST = "checkpoint.json"
@@ -177,33 +179,56 @@ def save(trainer) -> Path:
     acc, step = trainer.accelerator, trainer.step
     final_dir = trainer.output_dir / f"checkpoint-{step}"
     tmp_dir = trainer.output_dir / f"{TMP_PREFIX}checkpoint-{step}"
+    run_dir = getattr(trainer, "run_dir", None)
     acc.wait_for_everyone()
     if acc.is_main_process:
+        if run_dir is not None:
+            run_dir.wrote(tmp_dir.name, final_dir.name)  # recorded before they exist
         shutil.rmtree(tmp_dir, ignore_errors=True)
         tmp_dir.mkdir(parents=True)
     acc.wait_for_everyone()
     torch.save(rng_state(), tmp_dir / f"rng_state_{acc.process_index}.pt")
     state_dict = trainer.gather_model_state()  # a collective under FSDP / ZeRO-3: every process calls it
+    optimizer_state = trainer.gather_optimizer_state()  # a collective under FSDP2 (None: not sharded)
     acc.wait_for_everyone()
     if acc.is_main_process:
         trainer.save_model(tmp_dir, state_dict)
-        torch.save(trainer.state_dict(), tmp_dir / STATE_FILE)
+        torch.save(trainer.state_dict(optimizer_state), tmp_dir / STATE_FILE)
         test_hook("save", step)
         write_manifest(tmp_dir, step)
         replace_dir(tmp_dir, final_dir)
         prune_checkpoints(trainer.output_dir, trainer.cfg.save_total_limit)
+        if run_dir is not None:
+            run_dir.commit()  # the new run has a checkpoint: an earlier run moved aside can go
     acc.wait_for_everyone()
     return final_dir
 
 
 def test_hook(point: str, step: int) -> None:
     """Crash tests only: ``PREFOPT_TEST_KILL=step:K`` kills this process with SIGKILL after step K,
-    ``save:K`` in the middle of writing checkpoint K. Never set in normal use."""
-    if os.environ.get(KILL_ENV) == f"{point}:{step}":
+    ``save:K`` in the middle of writing checkpoint K; ``term:K`` sends it SIGTERM after step K
+    (``term:K@R``: only the process of rank R). Never set in normal use."""
+    value = os.environ.get(KILL_ENV)
+    if not value:
+        return
+    if value == f"{point}:{step}":
         os.kill(os.getpid(), signal.SIGKILL)
+    target, _, rank = value.partition("@")
+    if point == "step" and target == f"term:{step}" and (not rank or rank == os.environ.get("RANK", "0")):
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 # ------------------------------------------------------------------------------------------ restoring
+def read_model_weights(directory: Path) -> dict[str, torch.Tensor]:
+    files = sorted(p for p in directory.glob("*.safetensors") if p.name != "adapter_model.safetensors")
+    if not files:
+        raise PrefoptError(f"{directory}: no model weights (*.safetensors) in the checkpoint")
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        state.update(load_file(str(f)))
+    return state
+
+
 def load_model_weights(model: torch.nn.Module, directory: Path) -> None:
     """Copy the weights saved in ``directory`` into ``model`` in place (bit-exact)."""
     adapter = directory / "adapter_model.safetensors"
@@ -272,7 +297,10 @@ def restore(trainer, directory: str | Path) -> int:
     directory = Path(directory)
     acc = trainer.accelerator
     state = read_training_state(directory)
-    load_model_weights(trainer.unwrapped_model(), directory)
+    if engine_of(acc) == "fsdp2":
+        trainer.load_model_state(read_model_weights(directory))  # every process loads its shard
+    else:
+        load_model_weights(trainer.unwrapped_model(), directory)
     trainer.load_state_dict(state)
     saved_procs = int(state.get("num_processes", acc.num_processes))
     rng = read_rng_state(directory, acc.process_index) or read_rng_state(directory, 0)
