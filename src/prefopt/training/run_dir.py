@@ -37,20 +37,23 @@ BOOKKEEPING = (RECORD_FILE, LOCK_FILE)
 TMP_PREFIXES = (".tmp-old-", ".tmp-del-", ".tmp-")  # checkpoint.py's temporaries, longest first
 _ATOMIC_TMP = re.compile(r"^\.(.+)\.\d+\.tmp$")  # io.atomic_path's temporary of NAME
 
-# Names a run may write at the top of output_dir (the final model's files by pattern): a foreign file
-# with one of these names would be overwritten, so starting over next to one is refused.
-RUN_NAMES = ("config.yaml", "metrics.jsonl", "data_summary.json", "tensorboard", "merged", "README.md")
-MODEL_FILE_PATTERNS = (
-    "*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin", "config.json", "generation_config.json",
-    "adapter_config.json", "tokenizer*.json", "special_tokens_map.json", "vocab.*", "merges.txt",
-    "chat_template.jinja", "*.model", "added_tokens.json",
+# The names a run writes at the top of output_dir: its files, checkpoints and temporaries, and the
+# final model as save_pretrained writes it (weights, config, tokenizer, adapter). A foreign file with
+# one of these names would be overwritten, so starting over next to one is refused; any other foreign
+# file is simply left alone.
+RUN_NAMES = (
+    "config.yaml", "metrics.jsonl", "data_summary.json", "tensorboard", "merged", ".tmp-final-model",
+    "config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json",
+    "pytorch_model.bin", "adapter_model.safetensors", "adapter_config.json", "README.md",
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+    "vocab.json", "vocab.txt", "merges.txt", "tokenizer.model", "chat_template.jinja",
 )
+RUN_PATTERNS = ("checkpoint-*", ".tmp-checkpoint-*", "model-*-of-*.safetensors")
 PATH_KEYS = ("model_name_or_path", "ref_model_name_or_path", "tokenizer_name_or_path", "dataset", "eval_dataset")
 
 
 def may_write(name: str) -> bool:
-    return (name in RUN_NAMES or name.startswith(("checkpoint-", ".tmp-"))
-            or any(fnmatch.fnmatch(name, p) for p in MODEL_FILE_PATTERNS))
+    return name in RUN_NAMES or any(fnmatch.fnmatch(name, p) for p in RUN_PATTERNS)
 
 
 # ------------------------------------------------------------------------------------------ location
@@ -247,9 +250,20 @@ class RunDirectory:
 
     def install_model(self, staging: Path) -> None:
         """Move the final model's files from ``staging`` (written and flushed there) to the top of
-        output_dir, recorded first."""
-        self.wrote(*(p.name for p in staging.iterdir()))
-        move_files(staging, self.out)
+        output_dir, recorded first. A file there that no prefopt run wrote is never replaced (the
+        plan refuses the usual names up front; this catches an unusual tokenizer file name)."""
+        for p in sorted(staging.iterdir()):
+            dst = self.out / p.name
+            if (dst.exists() or dst.is_symlink()) and not self.record.owns(p.name):
+                print(f"prefopt: warning: kept {dst} (not written by prefopt); the model's {p.name} is in "
+                      f"{staging}", file=sys.stderr)
+                continue
+            self.wrote(p.name)
+            if p.is_dir() and dst.is_dir() and not dst.is_symlink():
+                shutil.rmtree(dst)
+            os.replace(p, dst)
+        if not any(staging.iterdir()):
+            staging.rmdir()
 
 
 def move_files(staging: Path, out: Path) -> None:
@@ -260,4 +274,5 @@ def move_files(staging: Path, out: Path) -> None:
         if src.is_dir() and dst.is_dir() and not dst.is_symlink():
             shutil.rmtree(dst)
         os.replace(src, dst)
-    staging.rmdir()
+    if not any(staging.iterdir()):
+        staging.rmdir()
