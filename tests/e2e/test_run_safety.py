@@ -200,7 +200,7 @@ def test_refused_with_one_line_and_nothing_changed(case, tiny_llama, data, earli
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case_id", ["output_dir_is_the_model", "learning_rate_nan", "foreign_dir_without_record"])
+@pytest.mark.parametrize("case_id", ["output_dir_is_the_model", "foreign_dir_without_record"])
 def test_refused_through_a_real_process(case_id, tiny_llama, data, earlier_run, tmp_path):
     ctx = Ctx(tmp_path, tmp_path / "model", tmp_path / "pairs.jsonl", tmp_path / "earlier")
     shutil.copytree(tiny_llama, ctx.model)
@@ -291,7 +291,7 @@ def test_second_run_refused_while_the_first_holds_the_directory_and_sigkill_free
 def _train_process(model, data, out, *extra, env_extra=None) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=SRC + os.pathsep + os.environ.get("PYTHONPATH", ""))
     env.update(env_extra or {})
-    args = train_argv(model, data, out, "--max_steps", "10", "--save_steps", "4", *extra)
+    args = train_argv(model, data, out, "--max_steps", "6", "--save_steps", "4", *extra)
     return subprocess.Popen([sys.executable, "-m", "prefopt", *args], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
 
@@ -313,7 +313,7 @@ def test_sigterm_checkpoints_exits_143_and_resume_is_bit_identical(tiny_llama, d
     line = [x for x in err.splitlines() if "stopped by SIGTERM" in x]
     assert len(line) == 1 and "--resume" in line[0], err
     step = int(line[0].split("after step ")[1].split()[0])
-    assert 1 <= step < 10
+    assert 1 <= step < 6
     assert f"checkpoint-{step}" in line[0] and (killed_dir / f"checkpoint-{step}").is_dir()
     assert not (killed_dir / "model.safetensors").exists()
     _, err = whole.communicate(timeout=120)

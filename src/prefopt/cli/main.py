@@ -203,7 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args, unknown) or 0)
     except RunInterrupted as e:  # SIGTERM / SIGINT: a checkpoint was written; the status names the signal
-        print(f"prefopt: {e}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # every process stops; one says so
+            print(f"prefopt: {e}", file=sys.stderr)
         return e.exit_code
     except PrefoptError as e:
         if args.debug:
