@@ -288,6 +288,26 @@ def test_second_run_refused_while_the_first_holds_the_directory_and_sigkill_free
 
 
 # ------------------------------------------------------------------------------------------ preemption
+@pytest.mark.parametrize("signal_name, code", [("int", 130), ("term", 143)])
+def test_signal_after_a_step_checkpoints_and_the_resumed_run_equals_the_uninterrupted_one(
+        signal_name, code, tiny_llama, data, earlier_run, tmp_path, capsys, monkeypatch):
+    """In-process (the handler is the same): the signal arrives after step 1 (step 2 is a save step),
+    so the run writes checkpoint-1 itself; resumed, it ends where the uninterrupted run did."""
+    out = tmp_path / "run"
+    monkeypatch.setenv("PREFOPT_TEST_KILL", f"{signal_name}:1")
+    assert main(train_argv(tiny_llama, data, out)) == code
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert f"stopped by SIG{signal_name.upper()} after step 1 of 4; checkpoint {out / 'checkpoint-1'} written" in err
+    assert [p.name for p in list_checkpoints(out)] == ["checkpoint-1"] and not (out / "model.safetensors").exists()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers put back
+    monkeypatch.delenv("PREFOPT_TEST_KILL")
+    assert main(train_argv(tiny_llama, data, out, "--resume")) == 0
+    a, b = load_file(earlier_run / "model.safetensors"), load_file(out / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert (out / "metrics.jsonl").read_bytes() == (earlier_run / "metrics.jsonl").read_bytes()
+
+
 def _train_process(model, data, out, *extra, env_extra=None) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=SRC + os.pathsep + os.environ.get("PYTHONPATH", ""))
     env.update(env_extra or {})
@@ -319,9 +339,12 @@ def test_sigterm_checkpoints_exits_143_and_resume_is_bit_identical(tiny_llama, d
     _, err = whole.communicate(timeout=120)
     assert whole.returncode == 0, err
 
+    (killed_dir / ".tmp-build").mkdir()  # a user's temporary folder: resuming cleans only prefopt's own
+    (killed_dir / ".tmp-build" / "x.o").write_text("x")
     resumed = _train_process(tiny_llama, data, killed_dir, "--resume")
     _, err = resumed.communicate(timeout=120)
     assert resumed.returncode == 0, err
+    assert (killed_dir / ".tmp-build" / "x.o").read_text() == "x"
     assert f"resuming from {killed_dir / f'checkpoint-{step}'}" in err
     a, b = load_file(tmp_path / "whole" / "model.safetensors"), load_file(killed_dir / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)

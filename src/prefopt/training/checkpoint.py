@@ -164,12 +164,17 @@ def prune_checkpoints(output_dir: str | Path, keep: int | None) -> list[Path]:
     return doomed
 
 
-def clean_temporaries(output_dir: str | Path) -> None:
-    """Remove what a killed save or delete left behind (``.tmp-*`` directories)."""
+_TEMPORARY = re.compile(r"^\.tmp-((old-|del-)?checkpoint-\d+|final-model)$")
+
+
+def clean_temporaries(output_dir: str | Path, owns=None) -> None:
+    """Remove what a killed save or delete left behind: prefopt's own ``.tmp-checkpoint-*``-style
+    directories only (a user's ``.tmp-build/`` is not ours), and with ``owns`` (the run record's
+    test) only those the record lists."""
     d = Path(output_dir)
     if d.is_dir():
         for p in d.iterdir():
-            if p.is_dir() and p.name.startswith(TMP_PREFIX):
+            if p.is_dir() and not p.is_symlink() and _TEMPORARY.match(p.name) and (owns is None or owns(p.name)):
                 shutil.rmtree(p, ignore_errors=True)
 
 
@@ -206,16 +211,16 @@ def save(trainer) -> Path:
 
 def test_hook(point: str, step: int) -> None:
     """Crash tests only: ``PREFOPT_TEST_KILL=step:K`` kills this process with SIGKILL after step K,
-    ``save:K`` in the middle of writing checkpoint K; ``term:K`` sends it SIGTERM after step K
-    (``term:K@R``: only the process of rank R). Never set in normal use."""
+    ``save:K`` in the middle of writing checkpoint K; ``term:K`` (``int:K``) sends it SIGTERM (SIGINT)
+    after step K (``term:K@R``: only the process of rank R). Never set in normal use."""
     value = os.environ.get(KILL_ENV)
     if not value:
         return
     if value == f"{point}:{step}":
         os.kill(os.getpid(), signal.SIGKILL)
     target, _, rank = value.partition("@")
-    if point == "step" and target == f"term:{step}" and (not rank or rank == os.environ.get("RANK", "0")):
-        os.kill(os.getpid(), signal.SIGTERM)
+    if point == "step" and target in (f"term:{step}", f"int:{step}") and rank in ("", os.environ.get("RANK", "0")):
+        os.kill(os.getpid(), signal.SIGTERM if target.startswith("term") else signal.SIGINT)
 
 
 # ------------------------------------------------------------------------------------------ restoring
@@ -310,7 +315,8 @@ def restore(trainer, directory: str | Path) -> int:
         print(f"prefopt: warning: {directory} was written by {saved_procs} processes, resuming with "
               f"{acc.num_processes}: the data order differs from the interrupted run", file=sys.stderr)
     if acc.is_main_process:
-        clean_temporaries(trainer.output_dir)
+        run_dir = getattr(trainer, "run_dir", None)
+        clean_temporaries(trainer.output_dir, run_dir.record.owns if run_dir is not None else None)
         keep_metrics_until(directory.parent / "metrics.jsonl", trainer.output_dir / "metrics.jsonl", trainer.step)
         trainer.logger.purge_after(trainer.step)
     acc.wait_for_everyone()

@@ -64,8 +64,11 @@ def _resolved(path: str | Path) -> Path:
 def check_location(cfg) -> None:
     """Refuse an output_dir where a run (or an overwrite) could damage something that is not the run's."""
     out = _resolved(cfg.output_dir)
-    places = (("the root directory", Path("/")), ("your home directory", Path.home()),
-              ("the current directory", Path.cwd()))
+    places = [("the root directory", Path("/")), ("the current directory", Path.cwd())]
+    try:
+        places.insert(1, ("your home directory", Path.home()))
+    except RuntimeError:  # no HOME and no passwd entry (some containers): nothing to protect there
+        pass
     for what, place in places:
         place = place.resolve()
         if out == place or out in place.parents:
