@@ -25,6 +25,7 @@ import re
 import shutil
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -212,12 +213,22 @@ def save(trainer) -> Path:
 def test_hook(point: str, step: int) -> None:
     """Crash tests only: ``PREFOPT_TEST_KILL=step:K`` kills this process with SIGKILL after step K,
     ``save:K`` in the middle of writing checkpoint K; ``term:K`` (``int:K``) sends it SIGTERM (SIGINT)
-    after step K (``term:K@R``: only the process of rank R). Never set in normal use."""
+    after step K (``term:K@R``: only the process of rank R); ``pause:K`` waits after step K until a
+    signal arrives. Never set in normal use."""
     value = os.environ.get(KILL_ENV)
     if not value:
         return
     if value == f"{point}:{step}":
         os.kill(os.getpid(), signal.SIGKILL)
+    if point == "step" and value == f"pause:{step}":  # wait here (up to 2 minutes) for a signal from outside
+        from prefopt.training.preemption import signals_received
+
+        seen = signals_received()
+        print(f"prefopt-test: paused after step {step}", file=sys.stderr, flush=True)
+        for _ in range(2400):
+            if signals_received() > seen:
+                break
+            time.sleep(0.05)
     target, _, rank = value.partition("@")
     if point == "step" and target in (f"term:{step}", f"int:{step}") and rank in ("", os.environ.get("RANK", "0")):
         os.kill(os.getpid(), signal.SIGTERM if target.startswith("term") else signal.SIGINT)

@@ -14,6 +14,11 @@ import sys
 import threading
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
+_received: list[int] = []  # every stop signal handled in this process (the crash tests wait on it)
+
+
+def signals_received() -> int:
+    return len(_received)
 
 
 class StopRequest:
@@ -35,6 +40,7 @@ class StopRequest:
             print(f"\nprefopt: {signal.Signals(signum).name} received: finishing this step, then writing a "
                   "checkpoint", file=sys.stderr, flush=True)
         self.signum = signum
+        _received.append(signum)
 
     def uninstall(self) -> None:
         for sig, handler in self._previous.items():
