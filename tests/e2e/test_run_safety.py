@@ -129,6 +129,7 @@ CASES = [
     ("foreign_vocab_json_beside_a_run", lambda c: ["--output_dir", c.tmp / "mixed"],
      ["vocab.json", "not written by a prefopt run"]),
     ("tensorboard_symlink", lambda c: ["--output_dir", c.tmp / "linked"], ["tensorboard is a symbolic link"]),
+    ("record_naming_a_path_outside", lambda c: ["--output_dir", c.tmp / "forged"], ["unreadable run record", "'../model'"]),
     ("read_only_output_dir", lambda c: ["READONLY"], ["output_dir", "not writable"]),
     ("output_dir_in_use", lambda c: ["LOCKED"], ["in use by another prefopt run", "pid 4242", "prefopt train --other"]),
 ]
@@ -152,6 +153,9 @@ def _prepare(ctx: Ctx) -> None:
     (ctx.tmp / "outside").mkdir()
     (ctx.tmp / "outside" / "events").write_text("keep me")
     os.symlink(ctx.tmp / "outside", ctx.tmp / "linked" / "tensorboard")
+    (ctx.tmp / "forged").mkdir()  # a record that would send an overwrite outside the directory
+    (ctx.tmp / "forged" / RECORD_FILE).write_text(json.dumps({"entries": ["config.yaml", "../model"]}))
+    (ctx.tmp / "forged" / "config.yaml").write_text("seed: 1\n")
     (ctx.out / "pairs.jsonl").write_bytes(ctx.data.read_bytes())
     (ctx.out / "notes.txt").write_text("foreign")
 

@@ -126,9 +126,13 @@ class RunRecord:
             return None
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
-            return cls(out, [str(n) for n in data["entries"]], data.get("aside"))
+            entries = [str(n) for n in data["entries"]]
+            bad = [n for n in entries if n in ("", ".", "..") or "/" in n or os.sep in n]
+            if bad:  # a record names entries of this directory only, never a path leading elsewhere
+                raise ValueError(f"entry {bad[0]!r}")
+            return cls(out, entries, data.get("aside"))
         except (OSError, ValueError, KeyError, TypeError) as e:
-            raise ConfigError(f"{path}: unreadable run record ({e.__class__.__name__}); prefopt will not guess "
+            raise ConfigError(f"{path}: unreadable run record ({e.__class__.__name__}: {e}); prefopt will not guess "
                               "what it may delete: move the directory's contents away or choose another "
                               "output_dir") from None
 
