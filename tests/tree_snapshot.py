@@ -1,9 +1,9 @@
-"""Hash a directory tree before and after a command, to show that nothing that existed was changed.
+"""Hash a directory tree, to check that a failed command left every file as it was.
 
-Shared by the run-safety and bad-input end-to-end tests: ``snapshot(root)`` maps every file (by
-content hash) and symbolic link (by its target, never followed) under ``root`` to a fingerprint;
-``assert_unchanged(before, root)`` checks that each of them is still there and identical (new files
-may appear, e.g. a lock file).
+``snapshot(path)``: ``{relative path: sha256}`` of every regular file under one directory.
+``tree_state(*roots)``: every file (by content hash) and symbolic link (by its target, never
+followed) under several roots, keyed by absolute path; ``assert_unchanged(before, *roots)`` checks
+that each of them is still there and identical (new files may appear, e.g. a lock file).
 """
 
 from __future__ import annotations
@@ -13,7 +13,19 @@ import os
 from pathlib import Path
 
 
-def snapshot(*roots: str | Path) -> dict[str, str]:
+def snapshot(path: str | Path) -> dict[str, str]:
+    """``{relative path: sha256 of the bytes}`` for every regular file under ``path``."""
+    root = Path(path)
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+
+
+def tree_state(*roots: str | Path) -> dict[str, str]:
     out: dict[str, str] = {}
     for root in map(Path, roots):
         if root.is_symlink() or root.is_file():
@@ -34,7 +46,7 @@ def _fingerprint(path: Path) -> str:
 
 
 def assert_unchanged(before: dict[str, str], *roots: str | Path) -> None:
-    after = snapshot(*roots)
+    after = tree_state(*roots)
     missing = sorted(set(before) - set(after))
     changed = sorted(p for p in before if p in after and after[p] != before[p])
     assert not missing and not changed, f"missing: {missing[:5]}, changed: {changed[:5]}"

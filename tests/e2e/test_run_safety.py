@@ -30,7 +30,8 @@ from prefopt.training.checkpoint import list_checkpoints
 from prefopt.training.run_dir import RECORD_FILE
 from prefopt.training.run_lock import LOCK_FILE
 from tests.conftest import run_cli
-from tests.tree_snapshot import assert_unchanged, snapshot
+from tests.tree_snapshot import assert_unchanged
+from tests.tree_snapshot import tree_state as snapshot
 
 SRC = str(Path(__file__).resolve().parents[2] / "src")
 RUN = ["--max_steps", "4", "--save_steps", "2", "--logging_steps", "1", "--per_device_train_batch_size", "4",
