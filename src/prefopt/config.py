@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -306,10 +307,12 @@ class TrainConfig:
         for name in ("logging_steps",):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        self._check_numbers()
+        self.output_dir = os.path.expanduser(str(self.output_dir))  # `~/runs/a` as a shell would read it
+        if self.max_prompt_length is not None and self.max_prompt_length < 1:
+            raise ConfigError(f"max_prompt_length must be at least 1 (or none), got {self.max_prompt_length}")
         if self.max_steps == 0 or (self.max_steps < 0 and self.num_train_epochs <= 0):
             raise ConfigError("set max_steps > 0 or num_train_epochs > 0")
-        if self.learning_rate < 0:
-            raise ConfigError(f"learning_rate must be >= 0, got {self.learning_rate}")
         if self.save_total_limit is not None and self.save_total_limit < 1:
             raise ConfigError(f"save_total_limit must be at least 1 (or none), got {self.save_total_limit}")
         if self.resume_from_checkpoint and self.overwrite_output_dir:
@@ -352,6 +355,22 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
         return self.validate(require_paths=False)
 
+    def _check_numbers(self) -> None:
+        """Every numeric key in its range, NaN and infinity included: a run must fail here, before an
+        earlier run is touched, not at the optimizer's constructor or at step 2."""
+        if not self.output_dir or not str(self.output_dir).strip():
+            raise ConfigError("output_dir is empty; name a directory for the run (it would mean the current one)")
+        for key, (low, high, closed_high) in NUMBER_RANGES.items():
+            value = getattr(self, key)
+            if value is None:
+                continue
+            inside = math.isfinite(value) and value >= low and (value <= high if closed_high else value < high)
+            if not inside:
+                span = f"in [{low:g}, {high:g}{']' if closed_high else ')'}" if math.isfinite(high) else f">= {low:g}"
+                raise ConfigError(f"{key} must be a finite number {span}, got {value}")
+        if self.max_steps < -1:
+            raise ConfigError(f"max_steps must be -1 (use num_train_epochs) or > 0, got {self.max_steps}")
+
     def attention_kwargs(self) -> dict[str, str]:
         """``from_pretrained`` keywords for ``attn_implementation`` (none for auto: transformers' default)."""
         return {} if self.attn_implementation == "auto" else {"attn_implementation": self.attn_implementation}
@@ -370,6 +389,25 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+
+INF = math.inf
+# (lowest, highest, highest included?) of the numeric keys not checked elsewhere. A value outside,
+# NaN or an infinity is refused up front: PyTorch's optimizers accept some (a NaN weight decay, a
+# negative warm-up) and silently train something else.
+NUMBER_RANGES: dict[str, tuple[float, float, bool]] = {
+    "learning_rate": (0.0, INF, False),
+    "weight_decay": (0.0, INF, False),
+    "adam_beta1": (0.0, 1.0, False),
+    "adam_beta2": (0.0, 1.0, False),
+    "adam_epsilon": (0.0, INF, False),
+    "max_grad_norm": (0.0, INF, False),
+    "warmup_steps": (0, INF, False),
+    "num_train_epochs": (0.0, INF, False),
+    "eval_steps": (0, INF, False),
+    "save_steps": (0, INF, False),
+    "pack_row_tokens": (0, INF, False),
+    "max_skipped_steps": (0, INF, False),
+}
 
 # ------------------------------------------------------------------------------------------------
 # Generic machinery: any config dataclass built with `opt` gets YAML loading, CLI flags and checks.
@@ -465,12 +503,33 @@ def _coerce_list(name: str, item_type, value: Any) -> list:
     return out
 
 
+class DuplicateKeyError(yaml.YAMLError):
+    pass
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, except that a key given twice in one mapping is an error: plain YAML
+    keeps the last one silently, so `beta: 0.1` above `beta: 0.5` would train with 0.5 unnoticed."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise DuplicateKeyError(f"line {line}: config key {key!r} is given twice (first on line {seen[key]})")
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file not found: {p}")
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+        data = yaml.load(p.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader
+    except DuplicateKeyError as e:
+        raise ConfigError(f"{p}: {e}") from None
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise ConfigError(f"{p}: not valid YAML: {str(e).splitlines()[0]}") from None
     if data is None:

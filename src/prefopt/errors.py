@@ -32,3 +32,13 @@ class DataError(PrefoptError):
     def __reduce__(self):
         # Rebuilt from its parts when it crosses a process boundary (a tokenizing worker).
         return (type(self), (self.source, self.row, self.field, self.problem, self.row_label))
+
+class RunInterrupted(Exception):
+    """Training stopped on SIGTERM or SIGINT after writing a checkpoint. Not a ``PrefoptError``: the
+    input was fine, and the exit status says which signal it was (128 + the signal number, what a
+    shell reports for a process the signal ended), so a job script can tell a preemption apart."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum
+        self.exit_code = 128 + signum

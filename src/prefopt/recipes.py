@@ -24,7 +24,7 @@ from prefopt.config import TrainConfig, save_config
 from prefopt.data.collate import RewardPairCollator
 from prefopt.data.formats import Columns, load_pairs
 from prefopt.data.prepare import apply_score_policy, prepare_dataset, prepare_train_eval, summary_line
-from prefopt.errors import ConfigError
+from prefopt.errors import ConfigError, PrefoptError
 from prefopt.io import write_jsonl_atomic, write_text_atomic
 from prefopt.losses.combine import LossOptions
 from prefopt.memory import return_freed_memory
@@ -39,13 +39,9 @@ from prefopt.objectives.reference_cache import cached_reference, store_rows
 from prefopt.objectives.reward import RewardObjective, check_margin_scores
 from prefopt.training.checkpoint import restore
 from prefopt.training.distributed import build_accelerator, engine_of, load_dtype, prepare_reference
-from prefopt.training.preflight import (
-    RunPlan,
-    check_model_paths,
-    check_resume_data,
-    plan_run,
-    prepare_output_dir,
-)
+from prefopt.training.preflight import RunPlan, check_model_paths, check_resume_data, plan_run
+from prefopt.training.run_dir import RunDirectory, contents
+from prefopt.training.run_lock import RunLock
 from prefopt.training.trainer import Trainer
 
 # ------------------------------------------------------------------------------------------------
@@ -86,26 +82,63 @@ def print_summaries(summaries: dict, accelerator) -> None:
             print(f"prefopt: {summary_line(role, s)}", file=sys.stderr)
 
 
-def start_output_dir(cfg: TrainConfig, plan: RunPlan, summaries: dict, accelerator) -> Path:
-    """Clear an old run if allowed (every input is checked by now), then write the resolved config
-    and the data summary. Main process only."""
+def start_output_dir(cfg: TrainConfig, plan: RunPlan, summaries: dict, accelerator
+                     ) -> tuple[RunDirectory | None, RunLock | None]:
+    """Take the directory's lock, move an earlier run aside if allowed (every input is checked and
+    every model built by now), then write the resolved config and the data summary. The main
+    process does the work; the others learn the outcome, so a refusal stops every process alike."""
     output_dir = Path(cfg.output_dir)
+    run_dir = lock = None
+    failure = None
     if accelerator.is_main_process:
-        prepare_output_dir(cfg, plan)
-        save_config(cfg, output_dir / "config.yaml")
-        write_text_atomic(output_dir / "data_summary.json", json.dumps(summaries, indent=2) + "\n")
-    return output_dir
+        try:
+            output_dir.mkdir(parents=True, exist_ok=True)
+            lock = RunLock(output_dir).acquire()
+            if plan.resume_from is None and not plan.overwrite and contents(output_dir):
+                raise ConfigError(f"output_dir {output_dir} was written to while this run was starting "
+                                  f"(it now holds: {', '.join(contents(output_dir)[:4])}); choose another output_dir")
+            run_dir = RunDirectory(output_dir)
+            run_dir.begin(overwrite=plan.overwrite, resume=plan.resume_from is not None)
+            run_dir.wrote("config.yaml", "data_summary.json", "metrics.jsonl", "tensorboard",
+                          *(["merged"] if cfg.use_peft and cfg.merge_adapter_on_save else []))
+            save_config(cfg, output_dir / "config.yaml")
+            write_text_atomic(output_dir / "data_summary.json", json.dumps(summaries, indent=2) + "\n")
+        except (PrefoptError, OSError) as e:
+            if lock is not None:
+                lock.release()
+            failure = e if isinstance(e, PrefoptError) else PrefoptError(f"output_dir {output_dir}: {e}")
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        message = [str(failure) if failure is not None else None]
+        broadcast_object_list(message, from_process=0)
+        if message[0] is not None and failure is None:
+            failure = PrefoptError(message[0])
+    if failure is not None:
+        raise failure
+    return run_dir, lock
 
 
 def _run(cfg: TrainConfig, plan: RunPlan, accelerator, *, model, train_pairs, eval_pairs, collator, objective,
          summaries: dict, save_model: Callable) -> dict[str, Any]:
-    """The one run: the run directory, the ``Trainer``, restore the planned checkpoint, train."""
-    start_output_dir(cfg, plan, summaries, accelerator)
+    """The one run: the ``Trainer`` (optimizer and schedule built, so they cannot fail later), the run
+    directory, restore the planned checkpoint, train. An earlier run moved aside comes back if this
+    one fails before its first checkpoint."""
     trainer = Trainer(cfg, model=model, train_data=train_pairs, eval_data=eval_pairs, collator=collator,
                       objective=objective, save_model=save_model, accelerator=accelerator)
-    if plan.resume_from is not None:
-        restore(trainer, plan.resume_from)
-    return trainer.train()
+    run_dir, lock = start_output_dir(cfg, plan, summaries, accelerator)
+    trainer.run_dir = run_dir
+    try:
+        if plan.resume_from is not None:
+            restore(trainer, plan.resume_from)
+        return trainer.train()
+    except BaseException:
+        if run_dir is not None:
+            run_dir.abort()
+        raise
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 def build_models(cfg: TrainConfig, accelerator, options: LossOptions | None = None, *, live_reference: bool = True,

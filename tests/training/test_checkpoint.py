@@ -361,10 +361,12 @@ def test_resume_latest_without_a_checkpoint(tmp_path, capsys):
     from prefopt.training.preflight import plan_run
 
     out = tmp_path / "run"
-    cfg = TrainConfig(model_name_or_path=str(tmp_path), dataset="d.jsonl", output_dir=str(out),
+    cfg = TrainConfig(model_name_or_path="org/model", dataset="d.jsonl", output_dir=str(out),
                       resume_from_checkpoint="latest")
     assert plan_run(cfg).resume_from is None and not plan_run(cfg).overwrite  # nothing there: a new run
     out.mkdir()
+    (out / ".prefopt-run.json").write_text(json.dumps({"entries": ["config.yaml", "metrics.jsonl",
+                                                                   "checkpoint-3", "model.safetensors"]}))
     (out / "config.yaml").write_text("seed: 1\n")
     (out / "metrics.jsonl").write_text('{"step": 1}\n')
     (out / ".tmp-checkpoint-3").mkdir()  # killed before its first checkpoint was complete
@@ -374,5 +376,5 @@ def test_resume_latest_without_a_checkpoint(tmp_path, capsys):
     with pytest.raises(ConfigError, match="no complete checkpoint"):
         plan_run(cfg)
     with pytest.raises(ConfigError, match="not found"):
-        plan_run(TrainConfig(model_name_or_path=str(tmp_path), dataset="d", output_dir=str(out),
+        plan_run(TrainConfig(model_name_or_path="org/model", dataset="d", output_dir=str(out),
                              resume_from_checkpoint=str(out / "checkpoint-9")))

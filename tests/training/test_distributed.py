@@ -163,20 +163,56 @@ FORCED_FSDP2 = textwrap.dedent(
 )
 
 
-@pytest.mark.slow
-def test_fsdp2_two_processes_equal_one_process_on_cpu(single_run, tiny_llama, easy_data, runs_dir):
+def fsdp2_args(model, data, out, runs_dir) -> list:
     script = runs_dir / "forced_fsdp2.py"
     script.write_text(FORCED_FSDP2)
+    return [script, "--debug", *train_args(model, data, out, per_device_train_batch_size=4,
+                                           eval_dataset=runs_dir / "eval20.jsonl")]
+
+
+@pytest.fixture(scope="module")
+def fsdp2_run(tiny_llama, easy_data, runs_dir) -> Path:
     fsdp = runs_dir / "fsdp2"
-    res = torchrun(2, script, "--debug", *train_args(tiny_llama, easy_data["train"], fsdp, per_device_train_batch_size=4,
-                                                     eval_dataset=runs_dir / "eval20.jsonl"), timeout=180)
+    res = torchrun(2, *fsdp2_args(tiny_llama, easy_data["train"], fsdp, runs_dir), timeout=180)
     assert res.returncode == 0, res.stderr[-3000:]
     assert res.stdout.count("reference sharded") == 2
+    return fsdp
+
+
+@pytest.mark.slow
+def test_fsdp2_two_processes_equal_one_process_on_cpu(single_run, fsdp2_run):
+    fsdp = fsdp2_run
     assert_same_run(single_run, fsdp)  # includes the eval metrics over the uneven eval set
     assert any("eval/loss" in r for r in read_metrics(fsdp / "metrics.jsonl"))  # final weights gathered from the shards into one full file
     weights = load_file(fsdp / "checkpoint-2" / "model.safetensors")
     full = load_file(single_run / "checkpoint-2" / "model.safetensors")
     assert {k: v.shape for k, v in weights.items()} == {k: v.shape for k, v in full.items()}
+
+
+@pytest.mark.slow
+def test_fsdp2_stopped_by_sigterm_on_one_process_resumes_to_the_same_weights(fsdp2_run, tiny_llama, easy_data,
+                                                                             runs_dir):
+    """Only process 1 gets SIGTERM after step 1: both stop after that step (the flag is all-reduced),
+    the checkpoint carries the sharded optimizer state gathered whole, and the resumed 2-process run
+    ends with the uninterrupted run's weights, bit for bit."""
+    out = runs_dir / "fsdp2_cut"
+    args = fsdp2_args(tiny_llama, easy_data["train"], out, runs_dir)
+    res = torchrun(2, *args, timeout=180, PREFOPT_TEST_KILL="term:1@1")
+    assert res.returncode != 0
+    assert res.stderr.count("stopped by SIGTERM after step 1 of 3") == 1, res.stderr[-3000:]  # said once
+    assert [p.name for p in out.iterdir() if p.name.startswith("checkpoint-")] == ["checkpoint-1"]
+    state = torch.load(out / "checkpoint-1" / "training_state.pt", weights_only=False)
+    moments = state["optimizer"]["state"]
+    assert {type(v["exp_avg"]) for v in moments.values()} == {torch.Tensor}  # whole tensors, not shards
+    full = load_file(out / "checkpoint-1" / "model.safetensors")
+    assert all(moments[name]["exp_avg"].shape == full[name].shape for name in moments if name in full)
+    res = torchrun(2, *args, "--resume", timeout=180)
+    assert res.returncode == 0, res.stderr[-3000:]
+    a, b = load_file(fsdp2_run / "model.safetensors"), load_file(out / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    rows = [{k: v for k, v in r.items() if not k.endswith("_per_second")} for r in read_metrics(out / "metrics.jsonl")]
+    whole = [{k: v for k, v in r.items() if not k.endswith("_per_second")} for r in read_metrics(fsdp2_run / "metrics.jsonl")]
+    assert rows == whole
 
 
 # Accelerate enables DeepSpeed only with GPUs (`cpu=True` skips it). DeepSpeed itself has a CPU

@@ -12,7 +12,7 @@ from prefopt.cli.args import config_command_args, config_from_args, reject_extra
 from prefopt.cli.reward import configure as configure_reward
 from prefopt.cli.reward import run as run_reward
 from prefopt.config import TrainConfig
-from prefopt.errors import PrefoptError
+from prefopt.errors import PrefoptError, RunInterrupted
 
 # The commands import the library (torch models, transformers, accelerate) when they run, not at
 # the top, so that `prefopt --help` and argument errors answer at once.
@@ -255,6 +255,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args.func(args, unknown) or 0)
+    except RunInterrupted as e:  # SIGTERM / SIGINT: a checkpoint was written; the status names the signal
+        if os.environ.get("RANK", "0") == "0":  # every process stops; one says so
+            print(f"prefopt: {e}", file=sys.stderr)
+        return e.exit_code
     except PrefoptError as e:
         if args.debug:
             raise

@@ -10,6 +10,7 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
+import torch
 from tqdm.auto import tqdm
 
 from prefopt.data.formats import FORMATS, Columns, LoadStats, check_some_pairs, convert_rows, detect_format
@@ -31,6 +32,7 @@ from prefopt.data.store import (
 from prefopt.data.tokenize import TokenizeStats, tokenize_pairs
 from prefopt.errors import DataError, PrefoptError
 from prefopt.losses.combine import loss_needs_scores
+from prefopt.losses.offsets import odpo_offset
 
 
 def apply_score_policy(pairs: list[PreferencePair], cfg) -> tuple[list[PreferencePair], int]:
@@ -60,6 +62,7 @@ def apply_score_policy(pairs: list[PreferencePair], cfg) -> tuple[list[Preferenc
             if cfg.nonpositive_score_diff == "drop":
                 continue
         kept.append(pair)
+    check_offsets(kept, cfg)
     return kept, affected
 
 
@@ -73,6 +76,27 @@ def data_settings(cfg, score_policy: bool) -> dict[str, Any]:
     return {"format": cfg.dataset_format, "columns": dataclasses.asdict(Columns.from_config(cfg)),
             "max_length": cfg.max_length, "max_prompt_length": cfg.max_prompt_length,
             "scores": cfg.nonpositive_score_diff if needs_scores else "off"}
+
+
+def check_offsets(pairs: list[PreferencePair], cfg) -> None:
+    """Compute every pair's ODPO offset now, with the function training uses, so that a pair whose
+    offset is undefined or infinite (``log_ratio`` on a non-positive score, scores of +-1e308 whose
+    difference overflows) is named before a model loads, not found as a crash or a NaN loss mid-run."""
+    if not pairs:
+        return
+    s_w = torch.tensor([p.score_chosen for p in pairs], dtype=torch.float64)
+    s_l = torch.tensor([p.score_rejected for p in pairs], dtype=torch.float64)
+    bad = s_l <= 0 if cfg.offset_scaling == "log_ratio" else torch.zeros(len(pairs), dtype=torch.bool)
+    if not bad.any():
+        offsets = odpo_offset(s_w, s_l, alpha=cfg.alpha, scaling=cfg.offset_scaling, on_nonpositive="clamp")
+        bad = ~torch.isfinite(offsets)
+    if bad.any():
+        pair = pairs[int(bad.nonzero()[0])]
+        why = (f"offset_scaling 'log_ratio' needs positive scores, got {cfg.score_rejected_column} "
+               f"{pair.score_rejected}" if cfg.offset_scaling == "log_ratio" and pair.score_rejected <= 0 else
+               f"the ODPO offset alpha*{cfg.offset_scaling}({pair.score_chosen}, {pair.score_rejected}) is not finite")
+        field = cfg.score_rejected_column if "log_ratio" in why else cfg.score_chosen_column
+        raise DataError(pair.source, pair.row, field, why, pair.row_label)
 
 
 def prepare_dataset(cfg, spec, split: str, tokenizer, *, score_policy: bool = True) -> tuple[PairStore, dict]:

@@ -14,8 +14,9 @@ into place, so a directory named ``checkpoint-*`` is complete. It holds:
 
 The data order is a pure function of ``(seed, epoch)`` (``data_order.Schedule``), so restoring the step
 restores the position in the data. Assumptions for several processes: every process sees the same
-``output_dir`` (a shared file system), and the optimizer state is replicated (plain DDP), so the main
-process saves it once; sharded optimizers (FSDP, ZeRO) would need one optimizer file per rank.
+``output_dir`` (a shared file system), and the optimizer state is saved whole: under plain DDP the main
+process holds all of it; under FSDP2 every process takes part in gathering the full state (and, on
+restore, loads its shard of it), so a checkpoint does not depend on the process count.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import re
 import shutil
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +40,7 @@ from safetensors.torch import load_file
 from prefopt.digest import ALGORITHM, file_digest
 from prefopt.errors import PrefoptError
 from prefopt.io import write_text_atomic
+from prefopt.training.distributed import engine_of
 
 STATE_FILE = "training_state.pt"
 MANIFEST = "checkpoint.json"
@@ -219,12 +222,17 @@ def prune_checkpoints(output_dir: str | Path, keep: int | None) -> list[Path]:
     return doomed
 
 
-def clean_temporaries(output_dir: str | Path) -> None:
-    """Remove what a killed save or delete left behind (``.tmp-*`` directories)."""
+_TEMPORARY = re.compile(r"^\.tmp-((old-|del-)?checkpoint-\d+|final-model)$")
+
+
+def clean_temporaries(output_dir: str | Path, owns=None) -> None:
+    """Remove what a killed save or delete left behind: prefopt's own ``.tmp-checkpoint-*``-style
+    directories only (a user's ``.tmp-build/`` is not ours), and with ``owns`` (the run record's
+    test) only those the record lists."""
     d = Path(output_dir)
     if d.is_dir():
         for p in d.iterdir():
-            if p.is_dir() and p.name.startswith(TMP_PREFIX):
+            if p.is_dir() and not p.is_symlink() and _TEMPORARY.match(p.name) and (owns is None or owns(p.name)):
                 shutil.rmtree(p, ignore_errors=True)
 
 
@@ -236,22 +244,28 @@ def save(trainer) -> Path:
     acc, step = trainer.accelerator, trainer.step
     final_dir = trainer.output_dir / f"checkpoint-{step}"
     tmp_dir = trainer.output_dir / f"{TMP_PREFIX}checkpoint-{step}"
+    run_dir = getattr(trainer, "run_dir", None)
     acc.wait_for_everyone()
     try:
         if acc.is_main_process:
+            if run_dir is not None:
+                run_dir.wrote(tmp_dir.name, final_dir.name)  # recorded before they exist
             shutil.rmtree(tmp_dir, ignore_errors=True)
             tmp_dir.mkdir(parents=True)
         acc.wait_for_everyone()
         torch.save(rng_state(), tmp_dir / f"rng_state_{acc.process_index}.pt")
         state_dict = trainer.gather_model_state()  # a collective under FSDP / ZeRO-3: every process calls it
+        optimizer_state = trainer.gather_optimizer_state()  # a collective under FSDP2 (None: not sharded)
         acc.wait_for_everyone()
         if acc.is_main_process:
             trainer.save_model(tmp_dir, state_dict)
-            torch.save(trainer.state_dict(), tmp_dir / STATE_FILE)
+            torch.save(trainer.state_dict(optimizer_state), tmp_dir / STATE_FILE)
             test_hook("save", step)
             write_manifest(tmp_dir, step, {"data_fingerprint": getattr(trainer, "data_fingerprint", None)})
             replace_dir(tmp_dir, final_dir)
             prune_checkpoints(trainer.output_dir, trainer.cfg.save_total_limit)
+            if run_dir is not None:
+                run_dir.commit()  # the new run has a checkpoint: an earlier run moved aside can go
     except Exception as e:
         # torch.save reports a full disk as a RuntimeError ("file write failed"): judge by the free
         # space, measured before the partial checkpoint is removed (which frees it again).
@@ -300,14 +314,41 @@ def test_hook(point: str, step: int) -> None:
     """Crash tests only: ``PREFOPT_TEST_KILL=step:K`` kills this process with SIGKILL after step K,
     ``save:K`` in the middle of writing checkpoint K, ``online-sample:N`` / ``online-score:N`` in
     round N of ``prefopt online`` before that stage's files are written; ``PREFOPT_TEST_ENOSPC=save:K``
-    makes that write fail as on a full disk. Never set in normal use."""
-    if os.environ.get(KILL_ENV) == f"{point}:{step}":
-        os.kill(os.getpid(), signal.SIGKILL)
+    makes that write fail as on a full disk; ``term:K`` (``int:K``) sends SIGTERM (SIGINT) after step K
+    (``term:K@R``: only the process of rank R); ``pause:K`` waits after step K until a signal
+    arrives. Never set in normal use."""
+    value = os.environ.get(KILL_ENV)
     if os.environ.get(FAIL_ENV) == f"{point}:{step}":
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    if not value:
+        return
+    if value == f"{point}:{step}":
+        os.kill(os.getpid(), signal.SIGKILL)
+    if point == "step" and value == f"pause:{step}":  # wait here (up to 2 minutes) for a signal from outside
+        from prefopt.training.preemption import signals_received
+
+        seen = signals_received()
+        print(f"prefopt-test: paused after step {step}", file=sys.stderr, flush=True)
+        for _ in range(2400):
+            if signals_received() > seen:
+                break
+            time.sleep(0.05)
+    target, _, rank = value.partition("@")
+    if point == "step" and target in (f"term:{step}", f"int:{step}") and rank in ("", os.environ.get("RANK", "0")):
+        os.kill(os.getpid(), signal.SIGTERM if target.startswith("term") else signal.SIGINT)
 
 
 # ------------------------------------------------------------------------------------------ restoring
+def read_model_weights(directory: Path) -> dict[str, torch.Tensor]:
+    files = sorted(p for p in directory.glob("*.safetensors") if p.name != "adapter_model.safetensors")
+    if not files:
+        raise PrefoptError(f"{directory}: no model weights (*.safetensors) in the checkpoint")
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        state.update(load_file(str(f)))
+    return state
+
+
 def load_model_weights(model: torch.nn.Module, directory: Path) -> None:
     """Copy the weights saved in ``directory`` into ``model`` in place (bit-exact)."""
     adapter = directory / "adapter_model.safetensors"
@@ -380,7 +421,10 @@ def restore(trainer, directory: str | Path) -> int:
     directory = Path(directory)
     acc = trainer.accelerator
     state = read_training_state(directory)
-    load_model_weights(trainer.unwrapped_model(), directory)
+    if engine_of(acc) == "fsdp2":
+        trainer.load_model_state(read_model_weights(directory))  # every process loads its shard
+    else:
+        load_model_weights(trainer.unwrapped_model(), directory)
     trainer.load_state_dict(state)
     saved_procs = int(state.get("num_processes", acc.num_processes))
     rng = read_rng_state(directory, acc.process_index) or read_rng_state(directory, 0)
@@ -390,7 +434,8 @@ def restore(trainer, directory: str | Path) -> int:
         print(f"prefopt: warning: {directory} was written by {saved_procs} processes, resuming with "
               f"{acc.num_processes}: the data order differs from the interrupted run", file=sys.stderr)
     if acc.is_main_process:
-        clean_temporaries(trainer.output_dir)
+        run_dir = getattr(trainer, "run_dir", None)
+        clean_temporaries(trainer.output_dir, run_dir.record.owns if run_dir is not None else None)
         keep_metrics_until(directory.parent / "metrics.jsonl", trainer.output_dir / "metrics.jsonl", trainer.step)
         trainer.logger.purge_after(trainer.step)
     acc.wait_for_everyone()

@@ -1,17 +1,16 @@
-"""Checks made before a run reads data or writes anything: model paths, the output directory rule,
-and which checkpoint (if any) to resume from.
+"""Checks made before a run reads data or writes anything: model paths, where the output directory
+may be, the output directory rule, and which checkpoint (if any) to resume from.
 
 The output directory rule: a new run may start only in an ``output_dir`` that is absent or empty.
 A directory holding anything else is refused, unless ``--resume`` (continue the run that is there)
-or ``--overwrite_output_dir`` (start over: prefopt deletes the checkpoints, metrics and TensorBoard
-logs it wrote there, and nothing else). The deletion happens only after every input has been checked,
-so a run that fails on bad input leaves an earlier run untouched.
+or ``--overwrite_output_dir`` (start over: only what a prefopt run recorded writing there is moved
+aside, and removed once the new run has its first checkpoint; see ``run_dir.py``). A directory in use
+by a live run is refused whatever the flags (``run_lock.py``).
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,26 +21,23 @@ from prefopt.data.fingerprint import pairs_fingerprint
 from prefopt.errors import ConfigError, PrefoptError
 from prefopt.modeling.load import looks_local
 from prefopt.training.checkpoint import (
-    TMP_PREFIX,
     checkpoint_step,
     damaged_text,
     intact_checkpoints,
     is_complete,
-    list_checkpoints,
     read_manifest,
-    remove_dir,
     verify,
 )
-
-# What prefopt writes into an output_dir (the model files are overwritten by the new run's save).
-RUN_FILES = ("config.yaml", "metrics.jsonl", "data_summary.json", ".metrics.jsonl.tmp")
-RUN_DIRS = ("tensorboard",)
-# The final model that save_pretrained wrote (weights, config, tokenizer, adapter).
-MODEL_FILE_PATTERNS = (
-    "*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin", "config.json", "generation_config.json",
-    "adapter_config.json", "tokenizer*.json", "special_tokens_map.json", "vocab.*", "merges.txt",
-    "chat_template.jinja", "*.model",
+from prefopt.training.run_dir import (
+    RunRecord,
+    check_location,
+    check_overwrite,
+    check_writable,
+    contents,
+    may_write,
 )
+from prefopt.training.run_lock import RunLockedError, describe_holder, lock_holder
+
 # Keys that may change between an interrupted run and its resumption without changing the result.
 RESUME_FREE_KEYS = {
     "resume_from_checkpoint", "overwrite_output_dir", "output_dir", "progress_bar", "report_to",
@@ -63,7 +59,7 @@ def check_model_paths(cfg) -> None:
 
 
 def describe_contents(out: Path) -> str:
-    names = sorted(p.name for p in out.iterdir())
+    names = contents(out)
     ckpts = [n for n in names if checkpoint_step(Path(n)) is not None]
     shown = [n for n in names if n not in ckpts][:4]
     if ckpts:
@@ -71,13 +67,24 @@ def describe_contents(out: Path) -> str:
     return ", ".join(shown)
 
 
+def check_not_in_use(out: Path) -> None:
+    holder = lock_holder(out)
+    if holder is not None:
+        raise RunLockedError(f"output_dir {out} is in use by another prefopt run ({describe_holder(holder)}); "
+                             "wait for it to finish or choose another output_dir")
+
+
 def plan_run(cfg) -> RunPlan:
     """Decide fresh run / resume / overwrite, or refuse. Reads only; writes nothing."""
     check_model_paths(cfg)
+    check_location(cfg)
     out = Path(cfg.output_dir)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"output_dir {out} exists and is not a directory")
-    occupied = out.is_dir() and any(out.iterdir())
+    check_writable(out)
+    check_not_in_use(out)
+    record = RunRecord.read(out) if out.is_dir() else None
+    occupied = bool(contents(out))
     resume = cfg.resume_from_checkpoint
     if resume:
         if resume == "latest":
@@ -89,7 +96,7 @@ def plan_run(cfg) -> RunPlan:
                 print(f"prefopt: warning: {path} is damaged ({problem}); skipping it", file=sys.stderr)
             ckpt = found[0] if found else None
             if ckpt is None:
-                if occupied and only_unfinished_run(out):
+                if occupied and only_unfinished_run(out, record):
                     # Killed before its first checkpoint: nothing to resume, nothing worth keeping.
                     print(f"prefopt: no complete checkpoint in {out}; starting the run over", file=sys.stderr)
                     return RunPlan(overwrite=True)
@@ -101,7 +108,7 @@ def plan_run(cfg) -> RunPlan:
                 print(f"prefopt: no checkpoint in {out} yet; starting a new run", file=sys.stderr)
                 return RunPlan()
         else:
-            ckpt = Path(resume)
+            ckpt = Path(resume).expanduser()
             if not ckpt.is_dir():
                 raise ConfigError(f"resume_from_checkpoint: checkpoint not found: {ckpt}")
             if not is_complete(ckpt):
@@ -122,6 +129,8 @@ def plan_run(cfg) -> RunPlan:
             f"output_dir {out} already holds files ({describe_contents(out)}); pass --resume to continue "
             "that run, --overwrite_output_dir to start over, or choose another output_dir"
         )
+    if occupied:
+        check_overwrite(out, record)
     return RunPlan(overwrite=occupied)
 
 
@@ -150,11 +159,13 @@ def check_resume_data(cfg, plan: RunPlan, train_pairs) -> None:
                       "ignore_data_change: true to resume anyway, or start a new run")
 
 
-def only_unfinished_run(out: Path) -> bool:
-    """True when ``out`` holds nothing but the files of a run that never wrote a checkpoint or a model."""
-    return all(
-        p.name in RUN_FILES or p.name in RUN_DIRS or p.name.startswith(TMP_PREFIX) for p in out.iterdir()
-    )
+def only_unfinished_run(out: Path, record: RunRecord | None) -> bool:
+    """True when ``out`` holds nothing but what a recorded run wrote before its first checkpoint or
+    model: its config, metrics, logs and temporaries."""
+    if record is None:
+        return False
+    return all(record.owns(n) and may_write(n) and not n.startswith("checkpoint-")
+               and not n.endswith((".safetensors", ".bin")) for n in contents(out))
 
 
 def warn_config_changes(cfg, saved_path: Path) -> list[str]:
@@ -171,19 +182,3 @@ def warn_config_changes(cfg, saved_path: Path) -> list[str]:
         print(f"prefopt: warning: resuming with changed settings ({', '.join(changed)}); the result will "
               "differ from an uninterrupted run", file=sys.stderr)
     return changed
-
-
-def prepare_output_dir(cfg, plan: RunPlan) -> None:
-    """Create ``output_dir``; with ``overwrite``, first delete what an earlier run wrote there."""
-    out = Path(cfg.output_dir)
-    if plan.overwrite and out.is_dir():
-        for ckpt in list_checkpoints(out) + [p for p in out.glob("checkpoint-*") if p.is_dir()]:
-            if ckpt.exists():
-                remove_dir(ckpt)
-        model_files = {p for pattern in MODEL_FILE_PATTERNS for p in out.glob(pattern) if p.is_file()}
-        for p in out.iterdir():
-            if (p.name in RUN_FILES or p in model_files) and p.is_file():
-                p.unlink()
-            elif (p.name in RUN_DIRS or p.name.startswith(TMP_PREFIX)) and p.is_dir():
-                shutil.rmtree(p)
-    out.mkdir(parents=True, exist_ok=True)

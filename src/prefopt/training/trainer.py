@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+import shutil
+import signal
 import sys
 import time
 import warnings
@@ -28,16 +30,18 @@ from tqdm.auto import tqdm
 
 from prefopt.data.collate import to_device
 from prefopt.data.fingerprint import pairs_fingerprint
-from prefopt.errors import PrefoptError
+from prefopt.errors import PrefoptError, RunInterrupted
 from prefopt.memory import transient_heap
 from prefopt.modeling.lm_head import accumulate_tied_grad_in_place
+from prefopt.training.checkpoint import TMP_PREFIX, fsync_tree, test_hook
 from prefopt.training.checkpoint import save as save_checkpoint
-from prefopt.training.checkpoint import test_hook
 from prefopt.training.data_order import Schedule
-from prefopt.training.distributed import is_sharded
+from prefopt.training.distributed import engine_of, is_sharded
 from prefopt.training.guard import StepHealth, check_step
 from prefopt.training.metrics import MetricsLogger
 from prefopt.training.optim import build_optimizer, build_scheduler
+from prefopt.training.preemption import StopRequest
+from prefopt.training.run_dir import move_files
 
 Objective = Callable[[torch.nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 """``objective(model, batch) -> (losses [B], metrics {name: [B]})``: per-pair values."""
@@ -104,6 +108,8 @@ class Trainer:
         # The unlogged metrics window lives here so a checkpoint can carry it.
         self.window: dict[str, Any] = {"sums": defaultdict(float), "pairs": 0, "tokens": 0}
         self.skipped_steps = 0
+        self.run_dir = None  # run_dir.RunDirectory of the main process: records what the run writes
+        self.stop = StopRequest()
 
     def zero_grad(self) -> None:
         """Free the gradients, except the persistent ones (``in_place_grads``), zeroed in place."""
@@ -209,9 +215,11 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
     def train(self) -> dict[str, float]:
+        self.stop.install()
         try:
             return self._train()
         finally:  # the model leaves with plain autograd (lm_head.TiedGradInPlace)
+            self.stop.uninstall()
             for handle in self.in_place_grads:
                 handle.release()
             self.in_place_grads = []
@@ -252,9 +260,13 @@ class Trainer:
                 window_start = time.perf_counter()
             if cfg.eval_steps > 0 and self.step % cfg.eval_steps == 0 and self.step < self.total_steps:
                 self.log_eval()
+            saved = None
             if cfg.save_steps > 0 and self.step % cfg.save_steps == 0 and self.step < self.total_steps:
-                self.save_checkpoint()
+                saved = self.save_checkpoint()
             test_hook("step", self.step)
+            if self.step < self.total_steps and self.stop_requested():
+                bar.close()
+                self.stop_for_signal(saved)
         bar.close()
         if self.skipped_steps and acc.is_main_process:
             print(f"prefopt: skipped {self.skipped_steps} steps with a non-finite loss or gradient", file=sys.stderr)
@@ -265,6 +277,29 @@ class Trainer:
         self.logger.close()
         return final
 
+    def stop_requested(self) -> bool:
+        """A signal asked to stop, on any process: all of them agree (the largest signal number of
+        any process is all-reduced each step), so every process stops after the same step."""
+        signum = float(self.stop.signum or 0)
+        if self.accelerator.num_processes > 1:
+            import torch.distributed as dist
+
+            flag = torch.tensor([signum], dtype=torch.float64, device=self.accelerator.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            signum = flag.item()
+            if signum and self.stop.signum is None:
+                self.stop.signum = int(signum)
+        return signum > 0
+
+    def stop_for_signal(self, saved: Path | None) -> None:
+        """Checkpoint the step just finished (unless it was saved already) and raise ``RunInterrupted``."""
+        checkpoint = saved if saved is not None else self.save_checkpoint()
+        self.logger.close()
+        name = signal.Signals(self.stop.signum).name
+        raise RunInterrupted(f"stopped by {name} after step {self.step} of {self.total_steps}; checkpoint "
+                             f"{checkpoint} written; resume by running the same command with --resume",
+                             int(self.stop.signum))
+
     def log_eval(self) -> dict[str, float]:
         row = self.evaluate()
         if row:
@@ -272,12 +307,13 @@ class Trainer:
         return row
 
     # ------------------------------------------------------------------ state and saving
-    def state_dict(self) -> dict[str, Any]:
-        """Everything but the model and the RNGs that a resumed run needs to continue exactly."""
+    def state_dict(self, optimizer_state: dict | None = None) -> dict[str, Any]:
+        """Everything but the model and the RNGs that a resumed run needs to continue exactly.
+        ``optimizer_state``: the full state from ``gather_optimizer_state`` when it is sharded."""
         window = self.window
         return {
             "step": self.step,
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": optimizer_state if optimizer_state is not None else self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "window": {"sums": dict(window["sums"]), "pairs": window["pairs"], "tokens": window["tokens"]},
             "skipped_steps": self.skipped_steps,
@@ -285,7 +321,14 @@ class Trainer:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
+        if engine_of(self.accelerator) == "fsdp2":
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+            # The full state, keyed by parameter name; each process keeps its own shard of it.
+            set_optimizer_state_dict(self.model, self.optimizer.optimizer, optim_state_dict=state["optimizer"],
+                                     options=StateDictOptions(full_state_dict=True))
+        else:
+            self.optimizer.load_state_dict(state["optimizer"])
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # LambdaLR warns that its lambdas are not saved: they are rebuilt
             self.scheduler.load_state_dict(state["scheduler"])
@@ -302,6 +345,33 @@ class Trainer:
         """The full state dict when the weights are sharded (FSDP, ZeRO-3), else ``None``. Every
         process must call this (it is a collective), before the main process writes."""
         return self.accelerator.get_state_dict(self.model) if is_sharded(self.accelerator) else None
+
+    def gather_optimizer_state(self) -> dict | None:
+        """Under FSDP2, the full optimizer state keyed by parameter name (a collective: every process
+        calls it; the main process receives it, on CPU). Elsewhere ``None``: the main process's own
+        ``optimizer.state_dict()`` is already the whole state (DDP replicates it)."""
+        if engine_of(self.accelerator) != "fsdp2":
+            return None
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        return get_optimizer_state_dict(self.model, self.optimizer.optimizer,
+                                        options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    def load_model_state(self, full: dict[str, torch.Tensor]) -> None:
+        """Under FSDP2: full weights (as saved) into the sharded model, each process keeping its shard."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        model = self.unwrapped_model()
+        names = set(model.state_dict())
+        unexpected = sorted(set(full) - names)
+        if unexpected:
+            raise PrefoptError(f"the checkpoint's weights do not fit this model (e.g. {unexpected[0]!r})")
+        for name in sorted(names - set(full)):  # tied weights are saved once, under their twin's name
+            twin = _tied_twin(model, name)
+            if twin is None or twin not in full:
+                raise PrefoptError(f"the checkpoint lacks weights of this model (e.g. {name!r})")
+            full[name] = full[twin]
+        set_model_state_dict(self.model, full, options=StateDictOptions(full_state_dict=True))
 
     def save_model(self, directory: Path, state_dict: dict | None = None) -> None:
         """Write the model as the run saves it (``save_model`` of the constructor, else
@@ -334,8 +404,31 @@ class Trainer:
         acc.wait_for_everyone()
         state_dict = self.gather_model_state()
         if acc.is_main_process:
-            self.save_model(self.output_dir, state_dict)
+            # Written whole into a staging folder, flushed, then each file renamed into place: like a
+            # checkpoint, a model file at the top of output_dir is never half written.
+            staging = self.output_dir / f"{TMP_PREFIX}final-model"
+            if self.run_dir is not None:
+                self.run_dir.wrote(staging.name)
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir(parents=True)
+            self.save_model(staging, state_dict)
+            fsync_tree(staging)
+            if self.run_dir is not None:
+                self.run_dir.install_model(staging)
+                self.run_dir.commit()
+            else:
+                move_files(staging, self.output_dir)
         acc.wait_for_everyone()
+
+
+def _tied_twin(model: torch.nn.Module, name: str) -> str | None:
+    """The saved name of a weight tied to ``name`` (the input embeddings for a tied LM head)."""
+    out, inp = model.get_output_embeddings(), model.get_input_embeddings()
+    if out is not None and inp is not None and out.weight is inp.weight:
+        for n, p in model.named_parameters(remove_duplicate=False):
+            if p is inp.weight and n != name:
+                return n
+    return None
 
 
 def _grad_norm(params) -> float:
