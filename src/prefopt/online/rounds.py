@@ -46,16 +46,26 @@ from prefopt.recipes import train
 from prefopt.training.checkpoint import latest_checkpoint, test_hook
 from prefopt.training.metrics import read_metrics
 from prefopt.training.preflight import (
-    RunPlan,
     check_model_paths,
+    check_not_in_use,
     describe_contents,
-    prepare_output_dir,
     warn_config_changes,
 )
+from prefopt.training.run_dir import (
+    PATH_KEYS,
+    RunDirectory,
+    RunRecord,
+    check_location,
+    check_overwrite,
+    check_writable,
+    contents,
+)
+from prefopt.training.run_lock import RunLock
 
-# What `prefopt online` writes into output_dir besides the final model files (deleted by --overwrite_output_dir).
-ONLINE_FILES = ("config.yaml", "metrics.jsonl", "online.png")
-ONLINE_DIRS = ("rounds",)
+# What `prefopt online` writes into output_dir besides the final model files (recorded in the run
+# record, so --overwrite_output_dir moves exactly these aside).
+ONLINE_NAMES = ("config.yaml", "metrics.jsonl", "online.png", "rounds")
+FINAL_STAGING = ".tmp-final-model"
 # Pair files use prefopt's default column names, whatever columns the prompts file had.
 _DEFAULTS = TrainConfig()
 PAIR_COLUMNS = {k: getattr(_DEFAULTS, k) for k in (
@@ -84,33 +94,29 @@ def round_prompts(num_prompts: int, per_round: int, round_no: int, seed: int) ->
     return out
 
 
-def _plan_output_dir(cfg: TrainConfig) -> tuple[Path, bool]:
-    """(output_dir, resuming). Refuses a non-empty directory for a new run (as ``prefopt train``)."""
+def _plan_output_dir(cfg: TrainConfig) -> tuple[Path, bool, bool]:
+    """(output_dir, resuming, overwriting). The rules of ``prefopt train``: a safe location (not the
+    model, prompts or reward model, nor the current/home/root directory), writable, not in use, and
+    a non-empty directory only with --resume or with --overwrite_output_dir over a recorded run."""
+    check_location(cfg, keys=(*PATH_KEYS, "prompts", "reward_model"))
     out = Path(cfg.output_dir)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"output_dir {out} exists and is not a directory")
-    occupied = out.is_dir() and any(out.iterdir())
+    check_writable(out)
+    check_not_in_use(out)
+    occupied = bool(contents(out))
     if cfg.resume_from_checkpoint not in (None, "latest"):
         raise ConfigError("resume_from_checkpoint: prefopt online resumes the whole run (--resume, or `latest`); "
                           "a round's own checkpoints are found automatically")
     if cfg.resume_from_checkpoint:
-        return out, occupied
+        return out, occupied, False
     if occupied and not cfg.overwrite_output_dir:
         raise ConfigError(
             f"output_dir {out} already holds files ({describe_contents(out)}); pass --resume to continue "
             "that run, --overwrite_output_dir to start over, or choose another output_dir")
-    return out, False
-
-
-def _clear_output_dir(cfg: TrainConfig, out: Path) -> None:
-    """--overwrite_output_dir: delete what an earlier run wrote (rounds, metrics, final model), nothing else."""
-    for name in ONLINE_DIRS:
-        if (out / name).is_dir():
-            shutil.rmtree(out / name)
-    for name in ONLINE_FILES:
-        if (out / name).is_file():
-            (out / name).unlink()
-    prepare_output_dir(cfg, RunPlan(overwrite=True))
+    if occupied:
+        check_overwrite(out, RunRecord.read(out))
+    return out, False, occupied
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -262,7 +268,7 @@ class OnlineRun:
         _write_json(rd / "train_result.json", result)
 
     # --- the run
-    def run(self) -> list[dict[str, Any]]:
+    def run(self, run_dir: RunDirectory | None = None) -> list[dict[str, Any]]:
         cfg = self.cfg
         policy_path = cfg.model_name_or_path
         total = cfg.rounds + 1
@@ -285,10 +291,12 @@ class OnlineRun:
                 break
             if not (rd / "train_result.json").is_file():
                 self.train_stage(round_no, rd, policy_path)
+            if run_dir is not None:
+                run_dir.commit()  # a trained round exists: an earlier run moved aside is no longer needed
             policy_path = json.loads((rd / "train_result.json").read_text())["policy"]
             self.write_metrics()
         rows = self.write_metrics()
-        self.save_final(policy_path)
+        self.save_final(policy_path, run_dir)
         return rows
 
     def write_metrics(self) -> list[dict[str, Any]]:
@@ -320,11 +328,21 @@ class OnlineRun:
         write_jsonl_atomic(self.out / "metrics.jsonl", rows)
         return rows
 
-    def save_final(self, policy_path: str) -> None:
-        """The final policy into output_dir, loadable with ``from_pretrained(output_dir)``."""
+    def save_final(self, policy_path: str, run_dir: RunDirectory | None = None) -> None:
+        """The final policy into output_dir, loadable with ``from_pretrained(output_dir)``: written
+        into a staging folder, then each file renamed into place (never half a model at the top)."""
         model = self.load_policy(policy_path)
-        model.save_pretrained(self.out)
-        self.tokenizer.save_pretrained(self.out)
+        staging = self.out / FINAL_STAGING
+        if staging.exists():
+            shutil.rmtree(staging)
+        model.save_pretrained(staging)
+        self.tokenizer.save_pretrained(staging)
+        if run_dir is not None:
+            run_dir.install_model(staging)
+        else:
+            from prefopt.training.run_dir import move_files
+
+            move_files(staging, self.out)
         print(f"prefopt online: final policy saved to {self.out}", file=sys.stderr)
 
 
@@ -334,20 +352,33 @@ def run_online(cfg: TrainConfig, *, progress: bool = True) -> list[dict[str, Any
     if cfg.use_peft:
         raise ConfigError("use_peft is not supported by prefopt online yet: each round trains the full policy")
     check_model_paths(cfg)
-    out, resuming = _plan_output_dir(cfg)
+    out, resuming, overwrite = _plan_output_dir(cfg)
     run = OnlineRun(cfg, progress=progress)  # reads the prompts, the tokenizer and the scorer: errors before writing
     if resuming:
         warn_config_changes(cfg, out / "config.yaml")
         print(f"prefopt online: resuming the run in {out}", file=sys.stderr)
-    elif out.is_dir() and any(out.iterdir()):
-        _clear_output_dir(cfg, out)
     out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.yaml")
-    rows = run.run()
+    lock = RunLock(out).acquire()
+    run_dir = RunDirectory(out)
+    try:
+        run_dir.begin(overwrite=overwrite, resume=resuming)
+        run_dir.wrote(*ONLINE_NAMES)
+        save_config(cfg, out / "config.yaml")
+        rows = run.run(run_dir)
+        _plot(rows, out)
+        run_dir.commit()
+    except BaseException:
+        run_dir.abort()
+        raise
+    finally:
+        lock.release()
+    return rows
+
+
+def _plot(rows: list[dict[str, Any]], out: Path) -> None:
     try:
         from prefopt.evaluation.plots import plot_online
 
         plot_online(rows, out / "online.png")
     except ImportError:  # pragma: no cover - matplotlib is a dependency; a broken install should not lose the run
         pass
-    return rows

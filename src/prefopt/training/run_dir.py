@@ -61,8 +61,9 @@ def _resolved(path: str | Path) -> Path:
     return Path(path).expanduser().resolve()
 
 
-def check_location(cfg) -> None:
-    """Refuse an output_dir where a run (or an overwrite) could damage something that is not the run's."""
+def check_location(cfg, keys: tuple[str, ...] = PATH_KEYS) -> None:
+    """Refuse an output_dir where a run (or an overwrite) could damage something that is not the run's
+    (``keys``: the config keys holding the run's input paths)."""
     out = _resolved(cfg.output_dir)
     places = [("the root directory", Path("/")), ("the current directory", Path.cwd())]
     try:
@@ -75,7 +76,7 @@ def check_location(cfg) -> None:
             relation = "is" if out == place else "contains"
             raise ConfigError(f"output_dir {cfg.output_dir} {relation} {what} ({place}); a run writes and, on "
                               "--overwrite_output_dir, deletes there: choose a directory of its own")
-    for key in PATH_KEYS:
+    for key in keys:
         value = getattr(cfg, key, None)
         if not isinstance(value, str | os.PathLike) or not value or not Path(value).expanduser().exists():
             continue  # a hub id, or data given as rows: nothing on disk to protect
