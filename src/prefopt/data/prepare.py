@@ -54,7 +54,8 @@ def prepare_dataset(cfg, spec, split: str, tokenizer, *, score_policy: bool = Tr
     )
     pairs, nonpositive = apply_score_policy(pairs, cfg) if score_policy else (pairs, 0)
     tokenized, tok_stats = tokenize_pairs(
-        pairs, tokenizer, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length
+        pairs, tokenizer, max_length=cfg.max_length, max_prompt_length=cfg.prompt_limit(),
+        max_completion_length=cfg.max_completion_length, truncation_mode=cfg.truncation_mode,
     )
     summary = {**load_stats.as_dict(), "nonpositive_score_diff": nonpositive,
                "nonpositive_policy": cfg.nonpositive_score_diff if nonpositive else None,
@@ -64,7 +65,7 @@ def prepare_dataset(cfg, spec, split: str, tokenizer, *, score_policy: bool = Tr
             load_stats.source, None, None,
             f"every pair was dropped ({json.dumps(tok_stats.as_dict()['dropped'])}); "
             f"raise max_length ({cfg.max_length}) or "
-            + (f"lower max_prompt_length ({cfg.max_prompt_length})" if cfg.max_prompt_length is not None
+            + (f"lower max_prompt_length ({cfg.prompt_limit()})" if cfg.prompt_limit() is not None
                else "set max_prompt_length to cut long prompts"),
         )
     return tokenized, summary

@@ -193,7 +193,9 @@ def score_dataset(cfg, rewarder, output: str | Path) -> dict[str, Any]:
     fmt = detect_format(raw, c) if cfg.dataset_format == "auto" else cfg.dataset_format
     items, slots, groups = _items(raw, fmt, c, rewarder.tokenizer)
     encoded, stats = tokenize_responses(items, rewarder.tokenizer, max_length=cfg.max_length,
-                                        max_prompt_length=cfg.max_prompt_length)
+                                        max_prompt_length=cfg.prompt_limit(),
+                                        max_completion_length=cfg.max_completion_length,
+                                        truncation_mode=cfg.truncation_mode)
     scores = rewarder.score_responses(encoded, groups)
     rows = [dict(row) for _, row in raw.rows]
     if fmt == "rated":
