@@ -532,6 +532,8 @@ def build_config(cls, yaml_path: str | Path | None = None, overrides: dict[str, 
                 values[name] = v
     if problems:
         raise ConfigError("\n".join(problems))
+    if pending.pop("eval_off", False):
+        values["eval_dataset"] = None
     if pending.pop("eval_strategy_steps", False) and "eval_steps" not in values and "eval_steps" in known:
         values["eval_steps"] = values.get("logging_steps", known["logging_steps"].default)
     if "min_lr" in pending:  # an absolute floor: a share of the learning rate the run ends up with

@@ -108,7 +108,7 @@ def _eval_strategy(value):
     if v == "steps":
         return {"eval_strategy_steps": True}  # resolved below: eval_steps defaults to logging_steps
     if v == "no":
-        return {"eval_dataset": None}
+        return {"eval_off": True}  # resolved below: no evaluation, even with an eval_dataset in the file
     raise Refused(f"eval_strategy: {value} is not offered; use eval_strategy: steps with eval_steps: N "
                   "(or no)")
 

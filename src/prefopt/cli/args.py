@@ -53,12 +53,12 @@ def trl_flags(unknown: list[str], command: str | None) -> dict[str, str]:
             problems.append(f"unexpected argument {token!r}")
             continue
         name, eq, value = token[2:].partition("=")
+        if not eq:  # the flag's value, if one follows, belongs to it, whatever becomes of the flag
+            if i < len(unknown) and not unknown[i].startswith("--"):
+                value, i = unknown[i], i + 1
+            else:
+                value = "true"  # a bare flag, as for prefopt's own booleans
         if name in TRL_KEYS and name not in fields:
-            if not eq:
-                if i < len(unknown) and not unknown[i].startswith("--"):
-                    value, i = unknown[i], i + 1
-                else:
-                    value = "true"  # a bare flag, as for prefopt's own booleans
             out[name] = value
         elif name in fields:
             problems.append(f"option --{name} is not used by `prefopt {command}` (see `prefopt {command} --help`)")

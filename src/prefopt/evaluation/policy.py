@@ -27,6 +27,7 @@ import yaml
 
 from prefopt.config import TrainConfig
 from prefopt.data.collate import PaddedPairCollator, to_device
+from prefopt.data.formats import rows_to_pairs
 from prefopt.data.prepare import prepare_dataset
 from prefopt.data.sources import read_rows
 from prefopt.data.tokenize import TokenizedPair, adds_bos
@@ -244,9 +245,11 @@ def evaluate_policy(policy, ref, tokenizer, prompts: Sequence[str], scorer, *, r
     return result
 
 
-def read_prompts(path: str) -> list[str]:
-    """Prompts from a ``.txt`` file (one per non-empty line) or any table ``prefopt train`` reads
-    (a ``prompt`` column)."""
+def read_prompts(path: str, tokenizer=None) -> list[str]:
+    """Prompts from a ``.txt`` file (one per non-empty line), a table with only a ``prompt`` column,
+    or any preference file ``prefopt train`` reads: its prompts, read by the training data path
+    (implicit-prompt files like Anthropic HH: the shared start of chosen and rejected;
+    conversational rows: rendered with ``tokenizer``'s chat template), each prompt once, in order."""
     p = Path(path)
     if p.suffix.lower() == ".txt":
         if not p.is_file():
@@ -254,12 +257,16 @@ def read_prompts(path: str) -> list[str]:
         prompts = [line.strip() for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
     else:
         raw = read_rows(path)
-        prompts = []
-        for row_no, row in raw:
-            value = row.get("prompt")
-            if not isinstance(value, str) or not value.strip():
-                raise DataError(raw.source, row_no, "prompt", "missing or not a non-empty string", raw.row_label)
-            prompts.append(value)
+        if raw.rows and not {"chosen", "rejected", "responses"} & set(raw.rows[0][1]):
+            prompts = []
+            for row_no, row in raw:
+                value = row.get("prompt")
+                if not isinstance(value, str) or not value.strip():
+                    raise DataError(raw.source, row_no, "prompt", "missing or not a non-empty string", raw.row_label)
+                prompts.append(value)
+        else:
+            pairs, _ = rows_to_pairs(raw, tokenizer=tokenizer)
+            prompts = list(dict.fromkeys(pair.prompt for pair in pairs))
     if not prompts:
         raise PrefoptError(f"{path}: no prompts")
     return prompts
@@ -291,8 +298,8 @@ def run_eval(models: list[str], ref: str, *, prompts: str, scorer: str, num_samp
     if num_samples < 1 or max_new_tokens < 1 or batch_size < 1:
         raise PrefoptError("--num_samples, --max_new_tokens and --batch_size must be at least 1")
     score = load_scorer(scorer)
-    prompt_list = read_prompts(prompts)
     tokenizer = load_tokenizer(models[0])
+    prompt_list = read_prompts(prompts, tokenizer)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     ref_model = load_causal_lm(ref).to(device)
     common = dict(num_samples=num_samples, max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size)
