@@ -1,5 +1,5 @@
 """Evaluation of a policy against its reference: samples, ground-truth reward, KL, win rate,
-preference accuracy (MATH.md section 6).
+preference accuracy (docs/evaluation.md).
 
 - ``sample``: completions drawn with ``model.generate`` (pure ancestral sampling: temperature 1, no
   top-k / top-p, so the samples follow the policy's own distribution, which the KL estimate needs).
