@@ -78,9 +78,9 @@ def test_flags_of_other_commands_and_unknown_flags_all_reported(capsys, tmp_path
     err = capsys.readouterr().err.splitlines()
     assert rc == 2
     assert err == [
-        "prefopt: error: option --beta is not used by `prefopt reward train` (see `prefopt reward train --help`)",
-        "prefopt: error: unknown option --lerning_rate; did you mean --learning_rate?",
-        "prefopt: error: option --loss_type is not used by `prefopt reward train` (see `prefopt reward train --help`)",
+        "prefopt: error: option '--beta' is not used by `prefopt reward train` (see `prefopt reward train --help`)",
+        "prefopt: error: unknown option '--lerning_rate'; did you mean '--learning_rate'?",
+        "prefopt: error: option '--loss_type' is not used by `prefopt reward train` (see `prefopt reward train --help`)",
     ]
 
 

@@ -61,10 +61,10 @@ def trl_flags(unknown: list[str], command: str | None) -> dict[str, str]:
         if name in TRL_KEYS and name not in fields:
             out[name] = value
         elif name in fields:
-            problems.append(f"option --{name} is not used by `prefopt {command}` (see `prefopt {command} --help`)")
+            problems.append(f"option '--{name}' is not used by `prefopt {command}` (see `prefopt {command} --help`)")
         else:
             hint = trl_hint(name, list(fields))
-            problems.append(f"unknown option --{name}" + (f"; did you mean --{hint}?" if hint else ""))
+            problems.append(f"unknown option '--{name}'" + (f"; did you mean '--{hint}'?" if hint else ""))
     if problems:
         raise ConfigError("\n".join(problems))
     return out
