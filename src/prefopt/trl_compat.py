@@ -346,6 +346,36 @@ TRL_KEYS: dict[str, TrlKey] = {
     "fsdp_config": only(None, "fsdp_config in the training config is not offered; " + _ACCEL),
     "deepspeed": only(None, "deepspeed in the training config is not offered; " + _ACCEL),
     "accelerator_config": only(None, "accelerator_config is not offered; " + _ACCEL),
+    "parallelism_config": only(None, "parallelism_config is not offered; " + _ACCEL),
+    "ddp_static_graph": no_effect("ddp_static_graph has no effect: " + _ACCEL),
+    # --- newer TrainingArguments ---
+    "activation_checkpointing": only(None, "activation_checkpointing is not offered; use gradient_checkpointing",
+                                     ok=(False,)),
+    "activation_checkpointing_kwargs": only(None, "activation_checkpointing_kwargs is not offered; use "
+                                            "gradient_checkpointing"),
+    "use_cache": no_effect("the KV cache is off in training; sampling (prefopt eval) uses it", note=False),
+    "liger_kernel_config": only(None, "liger_kernel_config is not needed: prefopt's chunked LM head never builds "
+                                "the full logits"),
+    "project": trackers("project"),
+    "trackio_space_id": trackers("trackio_space_id"),
+    "trackio_bucket_id": trackers("trackio_bucket_id"),
+    "trackio_static_space_id": trackers("trackio_static_space_id"),
+    "include_for_metrics": only(None, "include_for_metrics is not offered: prefopt has no compute_metrics; its "
+                                "eval metrics are fixed (docs/evaluation.md)", ok=([],)),
+    "batch_eval_metrics": only(False, "batch_eval_metrics is not offered: prefopt has no compute_metrics"),
+    "eval_use_gather_object": no_effect("evaluation metrics are summed across processes", note=False),
+    "eval_do_concat_batches": no_effect("evaluation metrics are summed per batch; nothing is concatenated",
+                                        note=False),
+    "enable_jit_checkpoint": only(False, "enable_jit_checkpoint is not offered: checkpoints every save_steps, and "
+                                  "resume loses at most the steps since the last one"),
+    "dataloader_multiprocessing_context": no_effect("no loader workers in prefopt", note=False),
+    "dataloader_in_order": no_effect("prefopt's data order is a pure function of seed and epoch", note=False),
+    "label_names": no_effect("preference batches have no label columns", note=False),
+    "train_sampling_strategy": alias("shuffle", "`random` is `shuffle: true`, `sequential` is `shuffle: false`; "
+                                     "`group_by_length` refused", values={"random": True, "sequential": False}),
+    "length_column_name": no_effect("used by TRL only with group_by_length", note=False),
+    "debug": only("", "debug (TrainingArguments' underflow/overflow tracing) is not offered; prefopt's --debug "
+                  "flag shows tracebacks", ok=(None, [])),
 }
 
 # What other trainers call a key, for the "did you mean" of a key that is neither prefopt's nor TRL's
