@@ -184,3 +184,25 @@ def test_bf16_notice_on_cpu_without_a_fast_path():
     assert slow_cpu_precision(cfg, {**no_bf16, "amx_bf16": True}) is None
     assert slow_cpu_precision(TrainConfig(), no_bf16) is None
     assert slow_cpu_precision(TrainConfig(torch_dtype="float16"), no_bf16).startswith("fp16")
+
+
+# The fields TRL 1.16's DPOConfig and its _BaseConfig declare (trl/trainer/dpo_config.py,
+# base_config.py), and the DPOConfig fields of TRL < 1.0 that configs in the wild still carry.
+DPOCONFIG_1_16 = (
+    "activation_offloading beta dataset_num_proc disable_dropout discopop_tau f_alpha_divergence_coef "
+    "f_divergence_type gradient_checkpointing label_smoothing ld_alpha learning_rate logging_steps loss_type "
+    "loss_weights lr_scheduler_kwargs max_length model_init_kwargs pad_to_multiple_of pad_token padding_free "
+    "precompute_ref_batch_size precompute_ref_log_probs ref_model_mixup_alpha ref_model_sync_steps "
+    "router_aux_loss_coef sync_ref_model torch_empty_cache_steps truncation_mode trust_remote_code "
+    "use_liger_kernel use_weighting").split()
+DPOCONFIG_OLD = (
+    "max_prompt_length max_completion_length rpo_alpha reference_free use_logits_to_keep use_num_logits_to_keep "
+    "generate_during_eval model_adapter_name ref_adapter_name force_use_ref_model is_encoder_decoder "
+    "label_pad_token_id padding_value ref_model_init_kwargs tools use_liger_loss").split()
+
+
+def test_every_dpoconfig_key_is_known():
+    fields = config_fields(TrainConfig)
+    assert [k for k in DPOCONFIG_1_16 + DPOCONFIG_OLD if k not in fields and k not in TRL_KEYS] == []
+    table = trl_markdown()
+    assert [k for k in DPOCONFIG_1_16 + DPOCONFIG_OLD if f"| `{k}` |" not in table] == []
