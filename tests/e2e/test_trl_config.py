@@ -74,3 +74,6 @@ def test_dpoconfig_yaml_trains_unchanged(cli, tiny_llama, easy_data, tmp_path):
     assert saved["max_completion_length"] == 8 and saved["save_steps"] == 0
     summary = (out / "data_summary.json").read_text()
     assert "completion_truncated" in summary
+    from prefopt.config import TrainConfig, build_config
+
+    assert build_config(TrainConfig, out / "config.yaml") == build_config(TrainConfig, config)  # re-runnable

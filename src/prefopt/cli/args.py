@@ -22,6 +22,8 @@ def config_command_args(parser: argparse.ArgumentParser, command: str) -> None:
                         help="YAML file of config keys (it may hold keys of other commands too); flags override it.")
     add_config_arguments(parser, TrainConfig, command)
     parser.set_defaults(config_command=command)
+    parser.epilog = ("TRL's DPOConfig / TrainingArguments keys work too, in the file or as flags (--optim adamw_torch, "
+                     "--eval_strategy steps, ...): docs/config.md, 'Coming from TRL'.")
 
 
 def train_args(parser: argparse.ArgumentParser, command: str = "train") -> None:
