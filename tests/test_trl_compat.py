@@ -94,6 +94,19 @@ def test_max_completion_length_is_a_key_and_suggestions_go_by_meaning():
         build_config(TrainConfig, None, {"prompt_max_len": 64})  # OpenRLHF's name
 
 
+def test_bad_nested_values_are_one_line_each():
+    with pytest.raises(ConfigError) as e:
+        build_config(TrainConfig, None, {"lr_scheduler_kwargs": {"min_lr": "tiny"},
+                                         "model_init_kwargs": {"attn_implementation": "eager"}})
+    assert str(e.value).splitlines() == [
+        "command line: lr_scheduler_kwargs: lr_scheduler_kwargs.min_lr expects a number, got 'tiny'",
+        "command line: model_init_kwargs: model_init_kwargs.attn_implementation is not offered; prefopt reads "
+        "only torch_dtype/dtype from it (use the torch_dtype key)",
+    ]
+    cfg = build_config(TrainConfig, None, {"lr_scheduler_kwargs": '{"min_lr_rate": 0.3}'})  # JSON on a flag
+    assert cfg.min_lr_rate == 0.3
+
+
 def test_alias_and_key_that_disagree_are_refused():
     with pytest.raises(ConfigError, match="optimizer and optim both set optimizer"):
         build_config(TrainConfig, None, {"optimizer": "rmsprop", "optim": "adamw_torch"})

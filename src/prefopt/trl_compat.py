@@ -132,17 +132,8 @@ _DTYPES = {"bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16", "fp
 def _model_init_kwargs(value):
     if _falsy(value):
         return {}
-    if isinstance(value, str):
-        import json
-
-        try:
-            value = json.loads(value)
-        except ValueError:
-            raise Refused("model_init_kwargs must be a mapping (JSON on the command line)") from None
-    if not isinstance(value, dict):
-        raise Refused("model_init_kwargs must be a mapping")
     out = {}
-    for k, v in value.items():
+    for k, v in _mapping("model_init_kwargs", value).items():
         if k in ("torch_dtype", "dtype"):
             if str(v).lower() not in _DTYPES:
                 raise Refused(f"model_init_kwargs.{k}: {v!r} is not offered; use torch_dtype: "
@@ -156,18 +147,43 @@ def _model_init_kwargs(value):
     return out
 
 
+def _mapping(name: str, value) -> dict:
+    """A YAML mapping, or JSON text of one (the command line)."""
+    if isinstance(value, str):
+        import json
+
+        try:
+            value = json.loads(value)
+        except ValueError:
+            pass
+    if not isinstance(value, dict):
+        raise Refused(f"{name} must be a mapping (JSON on the command line), got {value!r}")
+    return value
+
+
+def _number(name: str, value) -> float:
+    try:
+        if isinstance(value, bool):
+            raise ValueError
+        out = float(value)
+    except (TypeError, ValueError):
+        raise Refused(f"{name} expects a number, got {value!r}") from None
+    if not math.isfinite(out):
+        raise Refused(f"{name} expects a finite number, got {value!r}")
+    return out
+
+
 def _lr_scheduler_kwargs(value):
     if _falsy(value):
         return {}
-    if not isinstance(value, dict):
-        raise Refused("lr_scheduler_kwargs must be a mapping, e.g. {min_lr_rate: 0.1}")
     out = {}
-    for k, v in value.items():
+    for k, v in _mapping("lr_scheduler_kwargs", value).items():
         if k == "min_lr_rate":
-            out["min_lr_rate"] = v
+            out["min_lr_rate"] = _number("lr_scheduler_kwargs.min_lr_rate", v)
         elif k == "min_lr":
-            out["min_lr"] = v  # divided by learning_rate once every key is known (resolve_trl)
-        elif k == "num_cycles" and float(v) == 0.5:
+            # divided by learning_rate once every key is known (resolve_lr_floor)
+            out["min_lr"] = _number("lr_scheduler_kwargs.min_lr", v)
+        elif k == "num_cycles" and _number("lr_scheduler_kwargs.num_cycles", v) == 0.5:
             continue  # the one cosine half-wave prefopt draws
         else:
             raise Refused(f"lr_scheduler_kwargs.{k} is not offered; prefopt reads min_lr_rate and min_lr "
@@ -413,9 +429,9 @@ def resolve_lr_floor(values: dict[str, Any]) -> None:
     """``min_lr`` (an absolute learning rate, transformers' lr_scheduler_kwargs) as prefopt's
     ``min_lr_rate``, once ``learning_rate`` is known; in place."""
     if "min_lr" in values:
-        min_lr = float(values.pop("min_lr"))
-        lr = float(values.get("learning_rate", 0.0) or 0.0)
-        if not math.isfinite(min_lr) or lr <= 0:
+        min_lr = values.pop("min_lr")
+        lr = values.get("learning_rate") or 0.0
+        if lr <= 0:
             raise ConfigError("lr_scheduler_kwargs.min_lr needs learning_rate > 0; or give min_lr_rate")
         values.setdefault("min_lr_rate", min_lr / lr)
 
