@@ -4,6 +4,7 @@ and every ``--flag`` they show on a ``prefopt`` command line is a flag of that c
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import re
 from pathlib import Path
@@ -73,6 +74,7 @@ def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentP
     return {}
 
 
+@functools.lru_cache(maxsize=1)
 def command_flags() -> dict[str, set[str]]:
     flags = {}
     for name, p in _subparsers(build_parser()).items():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import re
 
 import pytest
@@ -11,8 +12,13 @@ from prefopt.cli.main import build_parser, main
 from prefopt.config import CONFIG_COMMANDS, TrainConfig, config_fields
 
 
+@functools.lru_cache(maxsize=1)
+def parser_tree() -> argparse.ArgumentParser:
+    return build_parser()  # read-only below, so one parser serves every test
+
+
 def subparser(*names: str) -> argparse.ArgumentParser:
-    parser = build_parser()
+    parser = parser_tree()
     for name in names:
         action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
         parser = action.choices[name]
