@@ -23,8 +23,8 @@ PATH_RE = re.compile(r"(?<![\w./-])((?:" + "|".join(TOP) + r")/[\w./{},*-]*[\w}*
 PKG_RE = re.compile(r"(?<![\w/.-])(prefopt/[\w/]+\.py)\b")
 MD_RE = re.compile(r"(?<![\w/.-])([\w-]+\.md)\b")
 LINK_RE = re.compile(r"\]\(([^)\s]+)\)")
-# Markdown files prefopt writes into a run or demo directory: names of outputs, not citations.
-WRITTEN = {"report.md", "README.md"}
+# Markdown files prefopt and its benchmarks write (run, demo, --out folders): outputs, not citations.
+WRITTEN = {"report.md", "README.md", "table.md"}
 
 
 def expand(path: str) -> list[str]:

@@ -97,11 +97,11 @@ def test_max_completion_length_is_a_key_and_suggestions_go_by_meaning():
 def test_bad_nested_values_are_one_line_each():
     with pytest.raises(ConfigError) as e:
         build_config(TrainConfig, None, {"lr_scheduler_kwargs": {"min_lr": "tiny"},
-                                         "model_init_kwargs": {"attn_implementation": "eager"}})
+                                         "model_init_kwargs": {"revision": "main"}})
     assert str(e.value).splitlines() == [
         "command line: lr_scheduler_kwargs: lr_scheduler_kwargs.min_lr expects a number, got 'tiny'",
-        "command line: model_init_kwargs: model_init_kwargs.attn_implementation is not offered; prefopt reads "
-        "only torch_dtype/dtype from it (use the torch_dtype key)",
+        "command line: model_init_kwargs: model_init_kwargs.revision is not offered; prefopt reads "
+        "torch_dtype/dtype and attn_implementation from it",
     ]
     cfg = build_config(TrainConfig, None, {"lr_scheduler_kwargs": '{"min_lr_rate": 0.3}'})  # JSON on a flag
     assert cfg.min_lr_rate == 0.3
@@ -125,6 +125,8 @@ def test_alias_and_key_that_disagree_are_refused():
     ({"optimizer": "adamw_torch"}, {"optimizer": "adamw"}),
     ({"torch_dtype": "fp32"}, {"torch_dtype": "float32"}),
     ({"dtype": "bf16"}, {"torch_dtype": "bfloat16"}),
+    ({"model_init_kwargs": {"attn_implementation": "eager", "dtype": "float32"}},
+     {"attn_implementation": "eager", "torch_dtype": "float32"}),
     ({"lr_scheduler_kwargs": {"min_lr_rate": 0.2}}, {"min_lr_rate": 0.2}),
     ({"per_gpu_train_batch_size": 3}, {"per_device_train_batch_size": 3}),
     ({"evaluation_strategy": "no"}, {"eval_dataset": None}),

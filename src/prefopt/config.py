@@ -35,7 +35,7 @@ TRAINING = (TRAIN, REWARD_TRAIN)
 _GROUP_COMMANDS = {
     "model": TRAINING, "data": CONFIG_COMMANDS, "objective": (TRAIN,), "training": TRAINING,
     "performance": (TRAIN,), "output": TRAINING, "reward model": (REWARD_TRAIN,), "scale": TRAINING,
-    "TRL names": TRAINING,
+    "TRL names": TRAINING, "attention": (TRAIN, LOGPS), "verification": TRAINING,
 }
 
 
@@ -257,6 +257,12 @@ class TrainConfig:
         group="reward model",
     )
     margin_scale: float = opt(1.0, "Reward model: factor on the score difference in the margin.", group="reward model")
+    # --- verified results: what a resumed run checks besides the checkpoint's checksums ---
+    ignore_data_change: bool = opt(
+        False, "Resume even when the tokenized training data differs from the data the checkpoint was trained "
+        "on (by default such a resume is refused: the result would not be the run it continues).",
+        group="verification",
+    )
     # --- scale-out: precision, memory savers, LoRA/QLoRA ---
     bf16: bool = opt(False, "bf16 mixed precision (autocast through Accelerate).", group="scale")
     fp16: bool = opt(False, "fp16 mixed precision with dynamic loss scaling (GPU only).", group="scale")
@@ -280,6 +286,13 @@ class TrainConfig:
                              group="scale", commands=(TRAIN,))
     merge_adapter_on_save: bool = opt(
         False, "With use_peft: also write the merged model (base + adapter) to OUTPUT_DIR/merged.", group="scale", commands=(TRAIN,)
+    )
+    # --- attention backend (GPU: FlexAttention's block masks for the shared layouts) ---
+    attn_implementation: str = opt(
+        "auto", "Attention kernel of the policy and reference loaded from a path: auto (transformers' default, "
+        "sdpa), sdpa, eager, flex_attention (GPU: block masks that skip what prefix sharing and packing mask "
+        "out), flash_attention_2/3 (plain layout only). layout: auto takes it into account.",
+        choices=("auto", "sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3"), group="attention",
     )
     # --- keys that TRL / transformers users set, with their meaning (prefopt.trl_compat maps the rest) ---
     warmup_ratio: float = opt(
@@ -355,6 +368,10 @@ class TrainConfig:
         if not (math.isfinite(self.margin_scale) and self.margin_scale >= 0):
             raise ConfigError(f"margin_scale must be >= 0, got {self.margin_scale}")
         return self
+
+    def attention_kwargs(self) -> dict[str, str]:
+        """``from_pretrained`` keywords for ``attn_implementation`` (none for auto: transformers' default)."""
+        return {} if self.attn_implementation == "auto" else {"attn_implementation": self.attn_implementation}
 
     def loss_options(self) -> LossOptions:
         """The validated loss options these keys describe (built once per run, held by the objective)."""

@@ -39,7 +39,13 @@ from prefopt.objectives.reference_cache import cached_reference, store_rows
 from prefopt.objectives.reward import RewardObjective, check_margin_scores
 from prefopt.training.checkpoint import restore
 from prefopt.training.distributed import build_accelerator, engine_of, load_dtype, prepare_reference
-from prefopt.training.preflight import RunPlan, check_model_paths, plan_run, prepare_output_dir
+from prefopt.training.preflight import (
+    RunPlan,
+    check_model_paths,
+    check_resume_data,
+    plan_run,
+    prepare_output_dir,
+)
 from prefopt.training.trainer import Trainer
 
 # ------------------------------------------------------------------------------------------------
@@ -121,6 +127,9 @@ def build_models(cfg: TrainConfig, accelerator, options: LossOptions | None = No
     if quant is not None:
         extra = {"quantization_config": quant, "device_map": {"": accelerator.local_process_index}}
 
+    attn = cfg.attention_kwargs()  # the policy and a loaded reference: the same attention kernel
+    extra.update(attn)
+
     def load(name_or_path: str, **kwargs):
         return load_causal_lm(name_or_path, disable_dropout_=cfg.disable_dropout, dtype=dtype,
                               fused_activations=cfg.fused_activations, **kwargs)
@@ -135,13 +144,13 @@ def build_models(cfg: TrainConfig, accelerator, options: LossOptions | None = No
     elif ref_model is not None:
         reference = LiveReference(prepare_reference(freeze(given(ref_model)), accelerator))
     elif cfg.ref_model_name_or_path:
-        reference = LiveReference(prepare_reference(load(cfg.ref_model_name_or_path), accelerator))
+        reference = LiveReference(prepare_reference(load(cfg.ref_model_name_or_path, **attn), accelerator))
     elif cfg.use_peft:
         reference = None  # set below, once the adapter exists
     elif engine_of(accelerator) == "deepspeed" and model is None:
         # A deepcopy of a DeepSpeed-loaded policy shares its ZeRO bookkeeping (under ZeRO-3 the
         # reference forward then finds `NOT_AVAILABLE` parameters): load a second copy instead.
-        reference = LiveReference(prepare_reference(load(cfg.model_name_or_path), accelerator))
+        reference = LiveReference(prepare_reference(load(cfg.model_name_or_path, **attn), accelerator))
     else:
         reference = LiveReference(prepare_reference(frozen_copy(policy), accelerator))
     _enable_gradient_checkpointing(cfg, policy)
@@ -178,6 +187,7 @@ def train(cfg: TrainConfig, *, model=None, tokenizer=None, ref_model=None, train
     options = cfg.loss_options()
     train_pairs, eval_pairs, summaries = prepare_train_eval(cfg, tokenizer, train_data=train_dataset,
                                                             eval_data=eval_dataset)
+    check_resume_data(cfg, plan, train_pairs)
     print_summaries(summaries, accelerator)
 
     # A precomputed reference replaces the live one: no second model is held for it.
@@ -185,7 +195,7 @@ def train(cfg: TrainConfig, *, model=None, tokenizer=None, ref_model=None, train
     policy, reference = build_models(cfg, accelerator, options, live_reference=not precompute, model=model,
                                      ref_model=ref_model)
     collator = model_collator(cfg.layout, train_pairs, cfg.per_device_train_batch_size, policy,
-                              tokenizer.pad_token_id, cfg.pack_row_tokens)
+                              tokenizer.pad_token_id, cfg.pack_row_tokens, device_type=accelerator.device.type)
     if precompute:
         reference, eval_pairs = cached_reference(cfg, policy, train_pairs, eval_pairs, collator, accelerator,
                                                  ref_model=ref_model, per_token=options.reference_per_token)
@@ -219,6 +229,7 @@ def train_reward_model(cfg: TrainConfig, *, model=None, tokenizer=None, train_da
     # ODPO's score policy does not apply: a reward model learns from every labelled pair.
     train_pairs, eval_pairs, summaries = prepare_train_eval(cfg, tokenizer, train_data=train_dataset,
                                                             eval_data=eval_dataset, score_policy=False)
+    check_resume_data(cfg, plan, train_pairs)
     negative = check_margin_scores(train_pairs, cfg, summaries["train"]["source"])
     if eval_pairs is not None:
         check_margin_scores(eval_pairs, cfg, summaries["eval"]["source"])
@@ -247,18 +258,33 @@ def train_reward_model(cfg: TrainConfig, *, model=None, tokenizer=None, train_da
                 save_model=save_model)
 
 
+def check_output_file(output: str | Path) -> None:
+    """``--output`` names a file to write: not a directory, and in a directory that exists or can be made."""
+    path = Path(output)
+    if path.is_dir():
+        raise ConfigError(f"--output {path} is a directory; give a file name")
+    parent = next((p for p in path.absolute().parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise ConfigError(f"--output {path}: {parent} is not a directory")
+
+
 def logps(cfg: TrainConfig, output: str, batch_size: int = 8) -> int:
     """``prefopt logps``: per-pair log-probs of ``cfg.model_name_or_path`` with training's
     tokenization; also stored as the reference log-prob cache entry ``train`` would look up."""
     if not cfg.model_name_or_path or not cfg.dataset:
         raise ConfigError("prefopt logps needs --model and --dataset")
+    if batch_size < 1:
+        raise ConfigError(f"--batch_size must be at least 1, got {batch_size}")
+    check_output_file(output)
     tokenizer = load_tokenizer(cfg.tokenizer_name_or_path or cfg.model_name_or_path)
     pairs, summary = prepare_dataset(cfg, cfg.dataset, cfg.dataset_split, tokenizer)
     print(f"prefopt: {summary_line('logps', summary)}", file=sys.stderr)
-    model = load_causal_lm(cfg.model_name_or_path, disable_dropout_=True, fused_activations=cfg.fused_activations)
+    model = load_causal_lm(cfg.model_name_or_path, disable_dropout_=True, fused_activations=cfg.fused_activations,
+                           **cfg.attention_kwargs())
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
-    collator = model_collator(cfg.layout, pairs, batch_size, model, tokenizer.pad_token_id, cfg.pack_row_tokens)
+    collator = model_collator(cfg.layout, pairs, batch_size, model, tokenizer.pad_token_id, cfg.pack_row_tokens,
+                              device_type=device.type)
     rows = score_pairs(model, pairs, collator, batch_size=batch_size, device=device)
     write_jsonl_atomic(output, rows)
     print(f"prefopt: wrote {len(rows)} pairs to {output}", file=sys.stderr)

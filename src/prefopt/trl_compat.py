@@ -139,11 +139,13 @@ def _model_init_kwargs(value):
                 raise Refused(f"model_init_kwargs.{k}: {v!r} is not offered; use torch_dtype: "
                               "auto, float32, bfloat16 or float16")
             out["torch_dtype"] = _DTYPES[str(v).lower()]
+        elif k == "attn_implementation":
+            out["attn_implementation"] = v
         elif k == "trust_remote_code" and not _truthy(v):
             continue
         else:
-            raise Refused(f"model_init_kwargs.{k} is not offered; prefopt reads only torch_dtype/dtype from it "
-                          "(use the torch_dtype key)")
+            raise Refused(f"model_init_kwargs.{k} is not offered; prefopt reads torch_dtype/dtype and "
+                          "attn_implementation from it")
     return out
 
 
@@ -210,15 +212,14 @@ _ACCEL = "use accelerate launch --config_file configs/accelerate/{ddp,fsdp2,zero
 # key with no prefopt key of the same name.
 TRL_KEYS: dict[str, TrlKey] = {
     # --- model ---
-    "model_init_kwargs": alias("torch_dtype", "its torch_dtype/dtype becomes torch_dtype; other entries refused",
+    "model_init_kwargs": alias("torch_dtype", "its torch_dtype/dtype and attn_implementation become those keys; "
+                               "other entries refused",
                                convert=_model_init_kwargs),
     "ref_model_init_kwargs": only(None, "ref_model_init_kwargs is not offered: the reference loads like the policy "
                                   "(torch_dtype)"),
     "dtype": alias("torch_dtype", "transformers 5's name of torch_dtype", values=_DTYPES),
     "trust_remote_code": only(False, "trust_remote_code: true is not offered: prefopt loads architectures that "
                               "transformers ships"),
-    "attn_implementation": only(None, "attn_implementation is chosen by prefopt (sdpa, or the masks each layout "
-                                "needs); remove the key", ok=("sdpa",)),
     "router_aux_loss_coef": only(None, "router_aux_loss_coef (MoE load balancing) is not offered"),
     "model_adapter_name": only(None, "model_adapter_name is not offered: with use_peft prefopt trains one adapter"),
     "ref_adapter_name": only(None, "ref_adapter_name is not offered: with use_peft the reference is the base model "
@@ -440,6 +441,7 @@ def resolve_lr_floor(values: dict[str, Any]) -> None:
 # where TRL's default differs). With TRL_KEYS this is every key the table in docs/config.md lists.
 SAME_NAMED: dict[str, str] = {
     "model_name_or_path": "", "torch_dtype": "also `bf16`, `fp16`, `fp32` as values", "disable_dropout": "",
+    "attn_implementation": "TRL's ModelConfig; also read from model_init_kwargs",
     "max_length": "", "max_prompt_length": "TRL < 1.0; prefopt's default -1 is half of max_length",
     "max_completion_length": "TRL < 1.0", "truncation_mode": "applies to the prompt, as in TRL < 1.0",
     "dataset_num_proc": "",
