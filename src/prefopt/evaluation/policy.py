@@ -247,10 +247,10 @@ def evaluate_policy(policy, ref, tokenizer, prompts: Sequence[str], scorer, *, r
     return result
 
 
-def read_prompts(path: str, tokenizer=None) -> list[str]:
-    """Prompts from a ``.txt`` file (one per non-empty line), a table with only a ``prompt`` column,
-    or any preference file ``prefopt train`` reads: its prompts, read by the training data path
-    (implicit-prompt files like Anthropic HH: the shared start of chosen and rejected;
+def read_prompts(path: str, tokenizer=None, column: str = "prompt") -> list[str]:
+    """Prompts from a ``.txt`` file (one per non-empty line), a table's ``prompt`` column (or
+    ``column``), or any preference file ``prefopt train`` reads: its prompts, read by the training
+    data path (implicit-prompt files like Anthropic HH: the shared start of chosen and rejected;
     conversational rows: rendered with ``tokenizer``'s chat template), each prompt once, in order."""
     p = Path(path)
     if p.suffix.lower() == ".txt":
@@ -265,21 +265,21 @@ def read_prompts(path: str, tokenizer=None) -> list[str]:
         prompts = [line.strip() for line in text.splitlines() if line.strip()]
     else:
         raw = read_rows(path)
-        if raw.rows and not {"chosen", "rejected", "responses"} & set(raw.rows[0][1]):
+        if raw.rows and column == "prompt" and {"chosen", "rejected", "responses"} & set(raw.rows[0][1]):
+            pairs, _ = rows_to_pairs(raw, tokenizer=tokenizer)  # as the training data path reads them
+            prompts = list(dict.fromkeys(pair.prompt for pair in pairs))
+        else:
             prompts = []
             for row_no, row in raw:
-                value = row.get("prompt")
+                value = row.get(column)
                 if not isinstance(value, str) or not value.strip():
-                    raise DataError(raw.source, row_no, "prompt", "missing or not a non-empty string", raw.row_label)
+                    raise DataError(raw.source, row_no, column, "missing or not a non-empty string", raw.row_label)
                 try:
                     value.encode("utf-8")
                 except UnicodeEncodeError as e:  # a lone surrogate ("\ud800" in JSON): no tokenizer takes it
-                    raise DataError(raw.source, row_no, "prompt", f"not valid Unicode text (a lone surrogate "
+                    raise DataError(raw.source, row_no, column, f"not valid Unicode text (a lone surrogate "
                                     f"{value[e.start]!r} at character {e.start})", raw.row_label) from None
                 prompts.append(value)
-        else:  # a preference file: its prompts as the training data path reads them
-            pairs, _ = rows_to_pairs(raw, tokenizer=tokenizer)
-            prompts = list(dict.fromkeys(pair.prompt for pair in pairs))
     if not prompts:
         raise PrefoptError(f"{path}: no prompts")
     return prompts
