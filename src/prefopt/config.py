@@ -12,6 +12,7 @@ import dataclasses
 import difflib
 import math
 import os
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -22,34 +23,71 @@ import yaml
 
 from prefopt.errors import ConfigError
 from prefopt.losses.combine import LossOptions
+from prefopt.trl_compat import SAME_NAMED, TRL_KEYS, Refused, resolve_lr_floor, trl_hint
+
+# The commands that read config keys. A YAML file may hold keys of any of them (one file serves
+# train, validate and logps); a command's --help and flags list only the keys it reads.
+TRAIN, REWARD_TRAIN, VALIDATE, LOGPS, REWARD_SCORE, REWARD_EVAL = (
+    "train", "reward train", "validate", "logps", "reward score", "reward eval")
+CONFIG_COMMANDS = (TRAIN, REWARD_TRAIN, VALIDATE, LOGPS, REWARD_SCORE, REWARD_EVAL)
+TRAINING = (TRAIN, REWARD_TRAIN)
+# Which commands read a key, by its group, unless the key says otherwise (``commands=``).
+_GROUP_COMMANDS = {
+    "model": TRAINING, "data": CONFIG_COMMANDS, "objective": (TRAIN,), "training": TRAINING,
+    "performance": (TRAIN,), "output": TRAINING, "reward model": (REWARD_TRAIN,), "scale": TRAINING,
+    "TRL names": TRAINING, "attention": (TRAIN, LOGPS), "verification": TRAINING, "online": ("online",),
+}
 
 
-def opt(default: Any, help: str, choices: tuple | None = None, group: str = "training") -> Any:
-    """A config field with its help text (and allowed values), the only place a key is described."""
-    return field(default=default, metadata={"help": help, "choices": choices, "group": group})
+def opt(default: Any, help: str, choices: tuple | None = None, group: str = "training", *,
+        commands: tuple | None = None, help_for: dict[str, str] | None = None,
+        aliases: dict[str, str] | None = None) -> Any:
+    """A config field with its help text (and allowed values), the only place a key is described.
+    ``commands``: the commands that read it (default: by group); ``help_for``: help text for one
+    command where the key means something narrower there; ``aliases``: other spellings of values
+    (TRL's, e.g. ``adamw_torch``) accepted for a choice."""
+    return field(default=default, metadata={
+        "help": help, "choices": choices, "group": group,
+        "commands": tuple(commands if commands is not None else _GROUP_COMMANDS.get(group, TRAINING)),
+        "help_for": help_for or {}, "aliases": aliases or {},
+    })
 
 
 @dataclass
 class TrainConfig:
     # --- model ---
-    model_name_or_path: str | None = opt(None, "Policy to train: a local directory or hub id.", group="model")
-    ref_model_name_or_path: str | None = opt(
-        None, "Reference model; default: a frozen copy of the initial policy.", group="model"
+    model_name_or_path: str | None = opt(
+        None, "Policy to train: a local directory or hub id.", group="model",
+        commands=(*TRAINING, VALIDATE, LOGPS),
+        help_for={REWARD_TRAIN: "Causal LM to start the reward model from (a scalar head is added): a local "
+                                "directory or hub id.",
+                  VALIDATE: "Model whose tokenizer tokenizes the data (no model is loaded); optional.",
+                  LOGPS: "Model to score with (same as --model)."},
     )
-    tokenizer_name_or_path: str | None = opt(None, "Tokenizer; default: the policy's.", group="model")
+    ref_model_name_or_path: str | None = opt(
+        None, "Reference model; default: a frozen copy of the initial policy.", group="model", commands=(TRAIN,)
+    )
+    tokenizer_name_or_path: str | None = opt(None, "Tokenizer; default: the model's.", group="model",
+                                             commands=CONFIG_COMMANDS)
     disable_dropout: bool = opt(True, "Turn off dropout in policy and reference.", group="model")
     fused_activations: bool = opt(
         True, "Run tanh-approximated GELUs (GPT-2's gelu_new, gelu_fast) as one fused kernel: the same function "
         "within float rounding, faster and with less activation memory. The saved model is unchanged.",
-        group="model",
+        group="model", commands=(*TRAINING, LOGPS),
     )
     # --- data ---
     dataset: str | None = opt(
-        None, "Training pairs: .jsonl/.json/.parquet/.csv file, save_to_disk dir, or hub id.", group="data"
+        None, "Training pairs: .jsonl/.json/.parquet/.csv file, save_to_disk dir, or hub id.", group="data",
+        help_for={VALIDATE: "Pairs to check: .jsonl/.json/.parquet/.csv file, save_to_disk dir, or hub id.",
+                  LOGPS: "Pairs to score: .jsonl/.json/.parquet/.csv file, save_to_disk dir, or hub id.",
+                  REWARD_SCORE: "Rows to score (pairs or rated responses): a file, save_to_disk dir or hub id.",
+                  REWARD_EVAL: "Pairs to evaluate on: a file, save_to_disk dir or hub id."},
     )
     dataset_split: str = opt("train", "Split to read for hub datasets and dataset dicts.", group="data")
-    eval_dataset: str | None = opt(None, "Held-out pairs, same formats as `dataset`.", group="data")
-    eval_dataset_split: str = opt("train", "Split of `eval_dataset` to read.", group="data")
+    eval_dataset: str | None = opt(None, "Held-out pairs, same formats as `dataset`.", group="data",
+                                   commands=(*TRAINING, VALIDATE))
+    eval_dataset_split: str = opt("train", "Split of `eval_dataset` to read.", group="data",
+                                  commands=(*TRAINING, VALIDATE))
     dataset_format: str = opt(
         "auto",
         "Row format; `auto` detects it from the columns.",
@@ -66,7 +104,18 @@ class TrainConfig:
     responses_column: str = opt("responses", "Rated format: the list of responses.", group="data")
     scores_column: str = opt("scores", "Rated format: the list of scores (`rewards` also read).", group="data")
     max_length: int = opt(1024, "Max tokens of prompt + one response.", group="data")
-    max_prompt_length: int | None = opt(512, "Max prompt tokens (cut from the left).", group="data")
+    max_prompt_length: int | None = opt(
+        -1, "Max prompt tokens, cut as truncation_mode says; -1: half of max_length; null: no prompt limit "
+        "(max_length still applies).", group="data",
+    )
+    max_completion_length: int | None = opt(
+        None, "Max tokens of each response, cut from its end, before max_length applies; null: max_length only.",
+        group="data",
+    )
+    truncation_mode: str = opt(
+        "keep_end", "Which part of a prompt longer than max_prompt_length is kept: keep_end (the end, next to "
+        "the response: TRL < 1.0's default) or keep_start.", choices=("keep_end", "keep_start"), group="data",
+    )
     # --- tokenized-pair store (docs/data.md) ---
     data_cache: bool = opt(
         True, "Keep the tokenized pairs in an on-disk store keyed by the data file's content, the tokenizer and "
@@ -83,13 +132,16 @@ class TrainConfig:
     )
     # --- objective ---
     loss_type: str = opt(
-        "dpo",
+        "dpo", commands=(TRAIN, VALIDATE), help=
         "Preference loss (docs/losses.md), or several separated by commas (a YAML list also works): "
         "dpo/sigmoid, odpo, cdpo, ipo, hinge, robust, exo_pair, nca_pair, bco_pair, sppo_hard, aot, "
         "aot_unpaired, apo_zero, apo_down, discopop, sft, sigmoid_norm, simpo.",
         group="objective",
     )
-    beta: float = opt(0.1, "KL strength beta: the implicit reward is beta*(log pi - log ref).", group="objective")
+    beta: float = opt(0.1, "KL strength beta: the implicit reward is beta*(log pi - log ref).", group="objective",
+                      commands=(TRAIN, REWARD_SCORE, REWARD_EVAL),
+                      help_for={REWARD_SCORE: "Beta of the implicit reward beta*(log pi - log ref) (--policy/--ref).",
+                                REWARD_EVAL: "Beta of the implicit reward beta*(log pi - log ref) (--policy/--ref)."})
     alpha: float = opt(1.0, "ODPO offset strength alpha.", group="objective")
     offset_scaling: str = opt(
         "log_diff",
@@ -101,7 +153,7 @@ class TrainConfig:
         "drop",
         "ODPO pairs with score_chosen <= score_rejected: drop them, raise an error, or clamp the diff.",
         choices=("drop", "error", "clamp"),
-        group="objective",
+        group="objective", commands=(TRAIN, VALIDATE),
     )
     label_smoothing: float = opt(
         0.0, "Label smoothing epsilon in [0, 0.5): cDPO, robust, exo_pair, aot.", group="objective"
@@ -112,7 +164,7 @@ class TrainConfig:
     )
     use_offset: bool = opt(
         False, "Put the ODPO offset alpha*f(s_w, s_l) on the margin of every listed loss (needs scores).",
-        group="objective",
+        group="objective", commands=(TRAIN, VALIDATE),
     )
     target_margin: float = opt(
         0.0, "SimPO's gamma: subtracted from the margin beta*h of every listed loss.", group="objective"
@@ -136,14 +188,19 @@ class TrainConfig:
     discopop_tau: float = opt(0.05, "DiscoPOP temperature tau.", group="objective")
     # --- optimisation ---
     learning_rate: float = opt(1e-6, "Peak learning rate.")
-    optimizer: str = opt("adamw", "Optimizer.", choices=("adamw", "rmsprop"))
+    optimizer: str = opt("adamw", "Optimizer (AdamW is fused where torch has a kernel).", choices=("adamw", "rmsprop"),
+                         aliases={"adamw_torch": "adamw", "adamw_torch_fused": "adamw", "adamw_hf": "adamw"})
     weight_decay: float = opt(0.0, "Weight decay.")
     adam_beta1: float = opt(0.9, "AdamW beta1.")
     adam_beta2: float = opt(0.999, "AdamW beta2.")
     adam_epsilon: float = opt(1e-8, "AdamW / RMSprop epsilon.")
     max_grad_norm: float = opt(1.0, "Gradient clipping norm; 0 disables clipping.")
     lr_scheduler_type: str = opt(
-        "linear", "Schedule after warm-up.", choices=("constant", "linear", "cosine")
+        "linear", "Schedule after the linear warm-up (every schedule warms up over warmup_steps/warmup_ratio): "
+        "constant (= constant_with_warmup), linear or cosine decay to 0, cosine_with_min_lr (cosine down to "
+        "min_lr_rate * learning_rate).",
+        choices=("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_min_lr"),
+        aliases={"cosine_warmup_with_min_lr": "cosine_with_min_lr"},
     )
     warmup_steps: int = opt(0, "Linear warm-up steps.")
     per_device_train_batch_size: int = opt(8, "Pairs per device per micro-batch.")
@@ -159,23 +216,23 @@ class TrainConfig:
         "Batch layout: plain (two padded prompt+response rows per pair), prefix_shared (one "
         "[prompt|chosen|rejected] row per pair), packed (several pairs per row, no padding); "
         "auto picks the cheapest by a FLOP estimate on the data.",
-        choices=("auto", "plain", "prefix_shared", "packed"), group="performance",
+        choices=("auto", "plain", "prefix_shared", "packed"), group="performance", commands=(TRAIN, LOGPS),
     )
     pack_row_tokens: int = opt(0, "Packed layout: tokens per row; 0 = the longest pair of each batch.",
-                               group="performance")
+                               group="performance", commands=(TRAIN, LOGPS))
     precompute_ref_log_probs: bool = opt(
         False, "Score all pairs with the reference once before training, cache them on disk, free the model.",
         group="performance",
     )
     ref_logps_cache_dir: str | None = opt(
         None, "Reference log-prob cache directory; default $PREFOPT_CACHE_DIR/ref_logps or "
-        "~/.cache/prefopt/ref_logps.", group="performance",
+        "~/.cache/prefopt/ref_logps.", group="performance", commands=(TRAIN, LOGPS),
     )
     return_freed_memory: bool = opt(
         True, "Linux/glibc: serve training's tensors of 1 MiB and more from their own memory maps, so memory "
         "freed between steps goes back to the system instead of fragmenting the heap (lower peak RSS on CPU); "
         "no-gradient passes and the backward reuse a kept heap instead (no page faults).",
-        group="performance",
+        group="performance", commands=TRAINING,
     )
     # --- logging and output ---
     output_dir: str = opt("outputs/prefopt", "Where checkpoints, metrics and the final model go.", group="output")
@@ -186,7 +243,8 @@ class TrainConfig:
         "auto", "Extra loggers: auto (TensorBoard if installed), tensorboard, none.",
         choices=("auto", "tensorboard", "none"), group="output",
     )
-    progress_bar: bool = opt(True, "Show a progress bar on the terminal.", group="output")
+    progress_bar: bool = opt(True, "Show a progress bar on the terminal.", group="output",
+                             commands=(*TRAINING, REWARD_SCORE, REWARD_EVAL))
     # --- reliability: resume, checkpoints, output directory, NaN guard ---
     resume_from_checkpoint: str | None = opt(
         None, "Resume from this checkpoint directory, or `latest`: the newest complete one in output_dir "
@@ -261,21 +319,22 @@ class TrainConfig:
         "auto", "dtype to load the weights in; auto: the checkpoint's (transformers' default). Use float32 "
         "with bf16/fp16 autocast for float32 master weights.",
         choices=("auto", "float32", "bfloat16", "float16"), group="scale",
+        aliases={"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"},
     )
     gradient_checkpointing: bool = opt(False, "Recompute activations in backward to save memory.", group="scale")
     torch_compile: bool = opt(False, "Compile the policy with torch.compile (inductor) via Accelerate.", group="scale")
     use_peft: bool = opt(False, "Train a LoRA adapter; the reference is the base model with it switched off.",
-                         group="scale")
-    lora_r: int = opt(16, "LoRA rank.", group="scale")
-    lora_alpha: int = opt(32, "LoRA scaling alpha (the update is scaled by alpha / r).", group="scale")
-    lora_dropout: float = opt(0.0, "Dropout on the LoRA branch.", group="scale")
+                         group="scale", commands=(TRAIN,))
+    lora_r: int = opt(16, "LoRA rank.", group="scale", commands=(TRAIN,))
+    lora_alpha: int = opt(32, "LoRA scaling alpha (the update is scaled by alpha / r).", group="scale", commands=(TRAIN,))
+    lora_dropout: float = opt(0.0, "Dropout on the LoRA branch.", group="scale", commands=(TRAIN,))
     lora_target_modules: str = opt(
-        "all-linear", "Comma-separated module names to adapt (e.g. q_proj,v_proj), or all-linear.", group="scale"
+        "all-linear", "Comma-separated module names to adapt (e.g. q_proj,v_proj), or all-linear.", group="scale", commands=(TRAIN,)
     )
     load_in_4bit: bool = opt(False, "QLoRA: load the base model in 4-bit NF4 (needs CUDA + bitsandbytes).",
-                             group="scale")
+                             group="scale", commands=(TRAIN,))
     merge_adapter_on_save: bool = opt(
-        False, "With use_peft: also write the merged model (base + adapter) to OUTPUT_DIR/merged.", group="scale"
+        False, "With use_peft: also write the merged model (base + adapter) to OUTPUT_DIR/merged.", group="scale", commands=(TRAIN,)
     )
     # --- attention backend (GPU: FlexAttention's block masks for the shared layouts) ---
     attn_implementation: str = opt(
@@ -284,6 +343,28 @@ class TrainConfig:
         "out), flash_attention_2/3 (plain layout only). layout: auto takes it into account.",
         choices=("auto", "sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3"), group="attention",
     )
+    # --- keys that TRL / transformers users set, with their meaning (prefopt.trl_compat maps the rest) ---
+    warmup_ratio: float = opt(
+        0.0, "Warm-up over ceil(warmup_ratio * total optimizer steps); exclusive with warmup_steps.",
+        group="TRL names",
+    )
+    min_lr_rate: float = opt(
+        0.0, "cosine_with_min_lr: the learning rate's floor as a share of learning_rate (transformers' "
+        "lr_scheduler_kwargs min_lr_rate).", group="TRL names",
+    )
+    tf32: bool | None = opt(
+        None, "CUDA: allow TF32 matmuls and convolutions (Ampere and later); null keeps torch's setting. No "
+        "effect on CPU.", group="TRL names",
+    )
+
+    def prompt_limit(self) -> int | None:
+        """The prompt length limit in tokens: ``max_prompt_length``, half of ``max_length`` when it is
+        -1 (the default, so that ``max_length: 512`` alone works), ``None`` for no limit."""
+        return self.max_length // 2 if self.max_prompt_length == -1 else self.max_prompt_length
+
+    def warmup_for(self, total_steps: int) -> int:
+        """Warm-up steps: ``warmup_steps``, or ``ceil(warmup_ratio * total_steps)`` as transformers does."""
+        return self.warmup_steps if self.warmup_steps else math.ceil(self.warmup_ratio * total_steps)
 
     def validate(self, *, require_paths: bool = True) -> TrainConfig:
         """Check every key and their combinations; ``ConfigError`` names the key. With
@@ -297,7 +378,20 @@ class TrainConfig:
             raise ConfigError(f"max_length must be at least 2, got {self.max_length}")
         if self.dataset_num_proc is not None and self.dataset_num_proc < 1:
             raise ConfigError(f"dataset_num_proc must be at least 1 (or none), got {self.dataset_num_proc}")
-        if self.max_prompt_length is not None and self.max_prompt_length >= self.max_length:
+        if self.max_prompt_length is not None and self.max_prompt_length < 1 and self.max_prompt_length != -1:
+            raise ConfigError(f"max_prompt_length must be at least 1, -1 (half of max_length) or null; got "
+                              f"{self.max_prompt_length}")
+        if self.max_completion_length is not None and self.max_completion_length < 1:
+            raise ConfigError(f"max_completion_length must be at least 1 or null; got {self.max_completion_length}")
+        if not 0.0 <= self.warmup_ratio <= 1.0:
+            raise ConfigError(f"warmup_ratio must be in [0, 1], got {self.warmup_ratio}")
+        if self.warmup_ratio and self.warmup_steps:
+            raise ConfigError("warmup_steps and warmup_ratio exclude each other; set one")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        if not 0.0 <= self.min_lr_rate <= 1.0:
+            raise ConfigError(f"min_lr_rate must be in [0, 1], got {self.min_lr_rate}")
+        if self.max_prompt_length not in (None, -1) and self.max_prompt_length >= self.max_length:
             raise ConfigError(
                 f"max_prompt_length ({self.max_prompt_length}) must be below max_length ({self.max_length})"
             )
@@ -407,6 +501,8 @@ NUMBER_RANGES: dict[str, tuple[float, float, bool]] = {
     "save_steps": (0, INF, False),
     "pack_row_tokens": (0, INF, False),
     "max_skipped_steps": (0, INF, False),
+    "warmup_ratio": (0.0, 1.0, True),
+    "min_lr_rate": (0.0, 1.0, True),
 }
 
 # ------------------------------------------------------------------------------------------------
@@ -481,6 +577,7 @@ def coerce_value(cls, name: str, value: Any) -> Any:
             f"config key {name!r} expects {getattr(base, '__name__', base)}, got {value!r}"
         ) from None
     choices = f.metadata.get("choices")
+    out = f.metadata.get("aliases", {}).get(out, out) if isinstance(out, str) else out
     if choices and out not in choices:
         raise ConfigError(f"config key {name!r} must be one of {', '.join(choices)}; got {out!r}")
     return out
@@ -539,23 +636,72 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def build_config(cls, yaml_path: str | Path | None = None, overrides: dict[str, Any] | None = None):
-    """Defaults < YAML file < overrides. Every key is checked against the dataclass."""
+def build_config(cls, yaml_path: str | Path | None = None, overrides: dict[str, Any] | None = None, *,
+                 notes: list[str] | None = None):
+    """Defaults < YAML file < overrides. Every key is checked against the dataclass; TRL's keys
+    are translated (``prefopt.trl_compat``). Every unknown key and bad value of a run is reported
+    at once, one line each, in one ``ConfigError``. Keys accepted without an effect add a line to
+    ``notes`` (printed to stderr when ``notes`` is None)."""
     known = config_fields(cls)
     values: dict[str, Any] = {}
+    pending: dict[str, Any] = {}  # translations that need every key first (eval_strategy, min_lr)
+    problems: list[str] = []
+    said: list[str] = []
     sources = []
     if yaml_path is not None:
         sources.append((f"{yaml_path}", read_yaml(yaml_path)))
     if overrides:
         sources.append(("command line", overrides))
     for where, mapping in sources:
+        set_by: dict[str, str] = {}
         for key, value in mapping.items():
-            if key not in known:
-                raise ConfigError(f"{where}: " + unknown_message("config key", str(key), known))
-            try:
-                values[key] = coerce_value(cls, key, value)
-            except ConfigError as e:
-                raise ConfigError(f"{where}: {e}") from None
+            key = str(key)
+            entry = TRL_KEYS.get(key)
+            if key in known and not (entry and entry.target == key):
+                updates = {key: value}
+            elif entry is not None:
+                try:
+                    updates, note = entry.translate(value)
+                except Refused as e:
+                    problems.append(f"{where}: {key}: {e}")
+                    continue
+                if note:
+                    said.append(f"{key}: {note}")
+            else:
+                hint = trl_hint(key, list(known))
+                problems.append(f"{where}: unknown config key {key!r}" + (f"; did you mean {hint!r}?" if hint else ""))
+                continue
+            for name, v in updates.items():
+                if name not in known:
+                    pending[name] = v
+                    continue
+                try:
+                    v = coerce_value(cls, name, v)
+                except ConfigError as e:
+                    problems.append(f"{where}: {e}" + (f" (from {key})" if key != name else ""))
+                    continue
+                if name in set_by and values.get(name) != v:
+                    problems.append(f"{where}: {set_by[name]} and {key} both set {name}; keep one")
+                    continue
+                set_by[name] = key
+                values[name] = v
+    if problems:
+        raise ConfigError("\n".join(problems))
+    if pending.pop("eval_off", False):
+        values["eval_dataset"] = None
+    if pending.pop("eval_strategy_steps", False) and "eval_steps" not in values and "eval_steps" in known:
+        values["eval_steps"] = values.get("logging_steps", known["logging_steps"].default)
+    if "min_lr" in pending:  # an absolute floor: a share of the learning rate the run ends up with
+        floor = {"min_lr": pending.pop("min_lr"),
+                 "learning_rate": values.get("learning_rate", known["learning_rate"].default)}
+        resolve_lr_floor(floor)
+        values.setdefault("min_lr_rate", coerce_value(cls, "min_lr_rate", floor["min_lr_rate"]))
+    if notes is None:
+        for line in said:
+            if os.environ.get("RANK", "0") == "0":
+                print(f"prefopt: note: {line}", file=sys.stderr)
+    else:
+        notes.extend(said)
     return cls(**values)
 
 
@@ -563,18 +709,27 @@ def save_config(config, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False), encoding="utf-8")
 
 
-def add_config_arguments(parser, cls) -> None:
-    """One ``--key VALUE`` flag per field, typed as strings and coerced by ``coerce_value``."""
+def command_fields(cls, command: str | None) -> dict[str, dataclasses.Field]:
+    """The fields a command reads (all of them for ``None``)."""
+    return {name: f for name, f in config_fields(cls).items()
+            if command is None or command in f.metadata.get("commands", (command,))
+            or (command == "online" and TRAIN in f.metadata.get("commands", ()))}  # online rounds train
+
+
+def add_config_arguments(parser, cls, command: str | None = None) -> None:
+    """One ``--key VALUE`` flag per field the command reads, typed as strings and coerced by
+    ``coerce_value``; the help text is the command's own where the key says one."""
     groups: dict[str, Any] = {}
-    for name, f in config_fields(cls).items():
+    for name, f in command_fields(cls, command).items():
         group_name = f.metadata.get("group", "training")
         if group_name not in groups:
             groups[group_name] = parser.add_argument_group(f"{group_name} options")
         choices = f.metadata.get("choices")
-        help_text = f.metadata.get("help", "")
+        help_text = f.metadata.get("help_for", {}).get(command) or f.metadata.get("help", "")
         if choices:
             help_text += f" One of: {', '.join(choices)}."
-        help_text += f" (default: {f.default})"
+        help_text += f" (default: {'null' if f.default is None else f.default})"
+        help_text = help_text.replace("%", "%%")  # argparse formats help with %
         # A bare boolean flag (`--overwrite_output_dir`) means true; `--flag false` still works.
         bare = {"nargs": "?", "const": "true"} if _field_type(cls, name)[0] is bool else {}
         groups[group_name].add_argument(
@@ -612,12 +767,49 @@ def config_markdown(cls=TrainConfig) -> str:
         g = f.metadata.get("group", "training")
         if g != group:
             group = g
-            lines += ["", f"## {g}", "", "| key | default | meaning |", "| --- | --- | --- |"]
+            lines += ["", f"## {g}", "", "| key | default | meaning | commands |", "| --- | --- | --- | --- |"]
         help_text = f.metadata.get("help", "")
         if f.metadata.get("choices"):
             help_text += " One of: " + ", ".join(f"`{c}`" for c in f.metadata["choices"]) + "."
         default = "null" if f.default is None else f.default
-        lines.append(f"| `{name}` | `{default}` | {help_text} |")
+        used = "all" if set(f.metadata["commands"]) == set(CONFIG_COMMANDS) else ", ".join(f.metadata["commands"])
+        lines.append(f"| `{name}` | `{default}` | {help_text} | {used} |")
+    return "\n".join(lines) + "\n" + trl_markdown(cls)
+
+
+def trl_markdown(cls=TrainConfig) -> str:
+    """The table of TRL ``DPOConfig`` / ``TrainingArguments`` keys and what each is here, from the
+    same tables the config loader translates with (``prefopt.trl_compat``)."""
+    fields = config_fields(cls)
+    lines = [
+        "", "## Coming from TRL", "",
+        "A `DPOConfig` YAML (TRL 1.x, and TRL < 1.0's keys) runs as it is: each key below means the same",
+        "here, is translated, has no effect on the result (in TRL either, or here: then a note is printed",
+        "when the run starts), or is refused with a line that says what to use instead. Unknown keys are",
+        "all reported at once. Commands use the keys they need (`prefopt COMMAND --help`).", "",
+        "| TRL key | here | notes |", "| --- | --- | --- |",
+    ]
+    rows = {}
+    for name, note in SAME_NAMED.items():
+        entry = TRL_KEYS.get(name)
+        if name in fields:
+            rows[name] = ("same key", note)
+        elif entry is not None:
+            rows[name] = (entry.kind, entry.doc)
+    for name, entry in TRL_KEYS.items():
+        if name in rows:
+            continue
+        if name in fields and entry.target != name:
+            rows[name] = ("same key", "")
+        elif entry.kind == "alias":
+            rows[name] = (f"`{entry.target}`", entry.doc)
+        elif entry.kind == "refused unless default":
+            rows[name] = (f"accepted at {entry.target}; else refused", entry.doc)
+        else:
+            rows[name] = (entry.kind, entry.doc)
+    for name in sorted(rows):
+        here, note = rows[name]
+        lines.append(f"| `{name}` | {here} | {note} |")
     return "\n".join(lines) + "\n"
 
 

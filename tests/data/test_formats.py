@@ -193,3 +193,15 @@ def test_truncation_cuts_prompt_left_completions_right_and_drops_hopeless_pairs(
     assert stats.prompt_truncated == 1 and stats.completion_truncated == 1
     dropped, stats = tokenize_pairs([PreferencePair("a b c d e", "x", "y")], tok, max_length=4)
     assert dropped == [] and stats.dropped["prompt longer than max_length"] == 1
+
+
+def test_max_completion_length_and_keep_start_truncation():
+    tok = word_tokenizer(["a", "b", "c", "d", "e", "x", "y", "z"])
+    ids = tok.convert_tokens_to_ids
+    pairs = [PreferencePair("a b c d e", "x y z x", "z")]
+    out, stats = tokenize_pairs(pairs, tok, max_length=20, max_prompt_length=3, max_completion_length=2,
+                                truncation_mode="keep_start")
+    assert out[0].prompt_ids == [tok.bos_token_id] + ids(["a", "b"])  # the start survives, BOS included
+    assert out[0].chosen_ids == ids(["x", "y"])  # 4 words + EOS cut to 2, though max_length has room
+    assert out[0].rejected_ids == ids(["z"]) + [tok.eos_token_id]
+    assert stats.prompt_truncated == 1 and stats.completion_truncated == 1

@@ -1,4 +1,4 @@
-"""Losses against values derived by hand (MATH.md sections 2-5)."""
+"""Losses against values derived by hand (docs/losses.md)."""
 
 import math
 

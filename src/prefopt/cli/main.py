@@ -8,10 +8,9 @@ import sys
 from collections.abc import Callable
 
 from prefopt import __version__
-from prefopt.cli.args import config_command_args, config_from_args, reject_extra, reject_unknown, train_args
+from prefopt.cli.args import config_command_args, config_from_args, reject_extra, train_args
 from prefopt.cli.reward import configure as configure_reward
 from prefopt.cli.reward import run as run_reward
-from prefopt.config import TrainConfig
 from prefopt.errors import PrefoptError, RunInterrupted
 
 # The commands import the library (torch models, transformers, accelerate) when they run, not at
@@ -42,7 +41,7 @@ def _train(args, unknown) -> int:
 
 
 @command("online", "Online / iterative DPO and ODPO: sample from the policy, score, pair, train; repeat.",
-         train_args)
+         lambda parser: train_args(parser, "online"))
 def _online(args, unknown) -> int:
     from prefopt.online.rounds import run_online
 
@@ -54,8 +53,8 @@ def _online(args, unknown) -> int:
 def _logps_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="Model to score with (same as --model_name_or_path).")
     parser.add_argument("--output", required=True, help="JSONL file to write, one object per pair.")
-    parser.add_argument("--batch_size", type=int, default=8, help="Pairs per forward pass.")
-    config_command_args(parser)
+    parser.add_argument("--batch_size", type=int, default=8, help="Pairs per forward pass. (default: %(default)s)")
+    config_command_args(parser, "logps")
 
 
 @command("logps", "Write per-pair chosen/rejected log-probs of a model on a dataset.", _logps_args)
@@ -71,7 +70,7 @@ def _logps(args, unknown) -> int:
 
 def _validate_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="Print the summary as JSON.")
-    config_command_args(parser)
+    config_command_args(parser, "validate")
 
 
 @command("validate", "Check a dataset as training would and print what was read, kept and dropped.",
@@ -141,7 +140,7 @@ def _reward(args, unknown) -> int:
 
 # --- demo, eval, plot ---
 def _demo_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--output_dir", default="runs/demo", help="Where the report and all runs go.")
+    parser.add_argument("--output_dir", default="runs/demo", help="Where the report and all runs go. (default: %(default)s)")
     parser.add_argument("--quick", action="store_true", help="A smaller run (under a minute), used by the tests.")
 
 
@@ -158,15 +157,16 @@ def _eval_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", action="append", required=True, metavar="POLICY",
                         help="Policy directory; repeat for several.")
     parser.add_argument("--ref", required=True, metavar="REF", help="Reference model directory (e.g. the SFT model).")
-    parser.add_argument("--prompts", required=True, metavar="FILE", help=".txt (one per line) or a table with `prompt`.")
+    parser.add_argument("--prompts", required=True, metavar="FILE", help=".txt (one prompt per line), or any preference or prompt file: the prompts are taken from it "
+                        "(the `prompt` column, or the shared start of chosen/rejected).")
     parser.add_argument("--scorer", required=True, metavar="SCORER", help="module:function from texts to scores, or a reward-model directory.")
-    parser.add_argument("--num_samples", type=int, default=4, help="Samples per prompt and model.")
-    parser.add_argument("--max_new_tokens", type=int, default=64, help="Longest completion sampled.")
-    parser.add_argument("--output_dir", default="eval", help="Where eval_*.json and frontier.png go.")
+    parser.add_argument("--num_samples", type=int, default=4, help="Samples per prompt and model. (default: %(default)s)")
+    parser.add_argument("--max_new_tokens", type=int, default=64, help="Longest completion sampled. (default: %(default)s)")
+    parser.add_argument("--output_dir", default="eval", help="Where eval_*.json and frontier.png go. (default: %(default)s)")
     parser.add_argument("--pairs", metavar="FILE", help="Pair file for the implicit reward's preference accuracy.")
     parser.add_argument("--beta", type=float, help="Beta of the implicit reward (default: the model's config.yaml).")
-    parser.add_argument("--batch_size", type=int, default=32, help="Sequences per generate / forward call.")
-    parser.add_argument("--seed", type=int, default=0, help="Sampling seed.")
+    parser.add_argument("--batch_size", type=int, default=32, help="Sequences per generate / forward call. (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="Sampling seed. (default: %(default)s)")
 
 
 @command("eval", "Sample from policies and report reward, KL from the reference, win rate, accuracy.", _eval_args)
@@ -208,7 +208,7 @@ def _merge_adapter(args, unknown) -> int:
     from prefopt.modeling.load import load_tokenizer
     from prefopt.modeling.peft import merge_adapter
 
-    reject_unknown(unknown, TrainConfig)
+    reject_extra(unknown)
     if not (Path(args.adapter) / "adapter_config.json").is_file():
         raise PrefoptError(f"no adapter_config.json in {args.adapter}")
     out = merge_adapter(args.base, args.adapter, args.output)
@@ -262,7 +262,8 @@ def main(argv: list[str] | None = None) -> int:
     except PrefoptError as e:
         if args.debug:
             raise
-        print(f"prefopt: error: {e}", file=sys.stderr)
+        for line in str(e).splitlines() or [""]:  # several problems: one line each
+            print(f"prefopt: error: {line}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("prefopt: interrupted", file=sys.stderr)

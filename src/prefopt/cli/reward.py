@@ -21,7 +21,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
     add("train", "Train a Bradley-Terry reward model (same config keys, loop and outputs as `prefopt train`).",
         _train)
-    train_args(sub.choices["train"])  # the config keys and --resume, as for `prefopt train`
+    train_args(sub.choices["train"], "reward train")  # the keys reward training reads, and --resume
 
     for name, help_text, fn in (
         ("score", "Add each response's reward to a dataset (score_chosen/score_rejected, or scores), "
@@ -32,15 +32,16 @@ def configure(parser: argparse.ArgumentParser) -> None:
         p.add_argument("--model", help="Reward model directory (from `prefopt reward train`).")
         p.add_argument("--policy", help="Implicit reward: the DPO-trained policy ...")
         p.add_argument("--ref", help="... and its reference; the reward is beta * (log pi - log ref), --beta B.")
-        p.add_argument("--batch_size", type=int, default=16, help="Sequences (or pairs) per forward pass.")
+        p.add_argument("--batch_size", type=int, default=16,
+                       help="Sequences (or pairs) per forward pass. (default: %(default)s)")
         if name == "score":
             p.add_argument("--output", required=True,
                            help="File to write: .jsonl, .json, .parquet or .csv (the input rows plus scores).")
         else:
             p.add_argument("--output", help="Write the report as JSON here (and per-pair rewards beside it).")
             p.add_argument("--plot", help="Write the reliability diagram here (PNG).")
-            p.add_argument("--bins", type=int, default=10, help="Calibration bins on [0, 1].")
-        config_command_args(p)
+            p.add_argument("--bins", type=int, default=10, help="Calibration bins on [0, 1]. (default: %(default)s)")
+        config_command_args(p, f"reward {name}")
 
 
 def run(args, unknown) -> int:

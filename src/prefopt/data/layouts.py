@@ -1,4 +1,4 @@
-"""Layouts that share the prompt and drop padding (MATH.md section 7).
+"""Layouts that share the prompt and drop padding (docs/performance.md, `layout`).
 
 Both collators here follow the batch contract of ``collate.py`` (model inputs plus flat targets), so
 ``logprobs.response_logps`` scores them unchanged. They differ from the plain layout in the model

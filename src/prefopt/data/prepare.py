@@ -74,7 +74,8 @@ def data_settings(cfg, score_policy: bool) -> dict[str, Any]:
     the tokenized-pair store)."""
     needs_scores = score_policy and loss_needs_scores(cfg.loss_type, cfg.use_offset)
     return {"format": cfg.dataset_format, "columns": dataclasses.asdict(Columns.from_config(cfg)),
-            "max_length": cfg.max_length, "max_prompt_length": cfg.max_prompt_length,
+            "max_length": cfg.max_length, "max_prompt_length": cfg.prompt_limit(),
+            "max_completion_length": cfg.max_completion_length, "truncation_mode": cfg.truncation_mode,
             "scores": cfg.nonpositive_score_diff if needs_scores else "off"}
 
 
@@ -175,7 +176,7 @@ def _build(cfg, spec, split: str, tokenizer, score_policy: bool, directory: Path
             load.source, None, None,
             f"every pair was dropped ({json.dumps(tok.as_dict()['dropped'])}); "
             f"raise max_length ({cfg.max_length}) or "
-            + (f"lower max_prompt_length ({cfg.max_prompt_length})" if cfg.max_prompt_length is not None
+            + (f"lower max_prompt_length ({cfg.prompt_limit()})" if cfg.prompt_limit() is not None
                else "set max_prompt_length to cut long prompts"),
         )
     summary = {**load.as_dict(), "nonpositive_score_diff": nonpositive,
@@ -196,7 +197,9 @@ class _ChunkWorker:
         pairs = convert_rows(raw, self.fmt, self.columns, self.tokenizer, load)
         pairs, nonpositive = apply_score_policy(pairs, self.cfg) if self.score_policy else (pairs, 0)
         tokenized, tok = tokenize_pairs(pairs, self.tokenizer, max_length=self.cfg.max_length,
-                                        max_prompt_length=self.cfg.max_prompt_length)
+                                        max_prompt_length=self.cfg.prompt_limit(),
+                                        max_completion_length=self.cfg.max_completion_length,
+                                        truncation_mode=self.cfg.truncation_mode)
         return len(raw), encode_pairs(tokenized), load, nonpositive, tok
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from prefopt.data.tokenize import SpecialTokens
+from prefopt.data.tokenize import SpecialTokens, cut_prompt
 
 
 @dataclass(frozen=True)
@@ -34,7 +34,8 @@ class ResponseTokenStats:
 
 
 def tokenize_responses(
-    items: list[ResponseItem], tokenizer, *, max_length: int, max_prompt_length: int | None = None
+    items: list[ResponseItem], tokenizer, *, max_length: int, max_prompt_length: int | None = None,
+    max_completion_length: int | None = None, truncation_mode: str = "keep_end",
 ) -> tuple[list[tuple[list[int], list[int]]], ResponseTokenStats]:
     """``(prompt_ids, response_ids)`` per item, in input order."""
     stats = ResponseTokenStats(items=len(items))
@@ -48,12 +49,14 @@ def tokenize_responses(
     for item, prompt, response in zip(items, prompts, responses):
         prompt, response = special.prompt(prompt, item.templated), special.completion(response)
         if max_prompt_length is not None and len(prompt) > max_prompt_length:
-            prompt = prompt[-max_prompt_length:]
+            prompt = cut_prompt(prompt, max_prompt_length, truncation_mode)
             stats.prompt_truncated += 1
         if len(prompt) > max_length - 1:
             prompt = prompt[-(max_length - 1):]
             stats.prompt_cut_to_fit += 1
         room = max_length - len(prompt)
+        if max_completion_length is not None:
+            room = min(room, max_completion_length)
         if len(response) > room:
             response = response[:room]
             stats.response_truncated += 1

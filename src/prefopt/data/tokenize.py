@@ -60,6 +60,12 @@ class SpecialTokens:
         return ids
 
 
+def cut_prompt(prompt: list[int], limit: int, truncation_mode: str) -> list[int]:
+    """The prompt's last ``limit`` tokens (``keep_end``: the words next to the response matter
+    most) or its first (``keep_start``)."""
+    return prompt[:limit] if truncation_mode == "keep_start" else prompt[-limit:]
+
+
 def adds_bos(tokenizer) -> bool:
     bos = tokenizer.bos_token_id
     if bos is None:
@@ -74,6 +80,8 @@ def tokenize_pairs(
     *,
     max_length: int,
     max_prompt_length: int | None = None,
+    max_completion_length: int | None = None,
+    truncation_mode: str = "keep_end",
 ) -> tuple[list[TokenizedPair], TokenizeStats]:
     stats = TokenizeStats(pairs_in=len(pairs))
     if not pairs:
@@ -88,9 +96,11 @@ def tokenize_pairs(
         prompt = special.prompt(prompt, pair.templated)
         chosen, rejected = special.completion(chosen), special.completion(rejected)
         if max_prompt_length is not None and len(prompt) > max_prompt_length:
-            prompt = prompt[-max_prompt_length:]
+            prompt = cut_prompt(prompt, max_prompt_length, truncation_mode)
             stats.prompt_truncated += 1
         room = max_length - len(prompt)
+        if max_completion_length is not None:
+            room = min(room, max_completion_length)
         if room < 1:
             stats.dropped["prompt longer than max_length"] += 1
             continue

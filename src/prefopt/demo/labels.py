@@ -4,7 +4,7 @@ The papers' full pipeline starts from *human* labels, which disagree with any fi
 share of pairs. The demo simulates such annotators from its ground-truth scorer: for two responses
 with scores ``s_a`` and ``s_b`` the annotator prefers ``a`` with probability
 
-    P(a > b) = sigmoid((s_a - s_b) / temperature)            (MATH.md section 1)
+    P(a > b) = sigmoid((s_a - s_b) / temperature)            (Bradley-Terry)
 
 so pairs with close scores are near coin flips and pairs with far-apart scores are almost always
 labelled as the scorer orders them. ``temperature -> 0`` gives the scorer's ordering exactly.

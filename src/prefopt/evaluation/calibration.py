@@ -1,6 +1,6 @@
 """Preference accuracy and calibration of ``p = sigmoid(r_w - r_l)`` (pure NumPy, plus one plot).
 
-A reward model claims ``p(y_w > y_l | x) = sigmoid(r_w - r_l)`` (MATH.md section 1). Every label
+A reward model claims ``p(y_w > y_l | x) = sigmoid(r_w - r_l)`` (the Bradley–Terry model, docs/reward_models.md). Every label
 of a preference set says "the first response wins", so the predictions are judged on both
 orderings of each pair: ``(p, label 1)`` and ``(1 - p, label 0)``. The reliability diagram is then
 symmetric about (0.5, 0.5) and its ECE equals the classic confidence-vs-accuracy ECE of the

@@ -1,5 +1,5 @@
 """Evaluation of a policy against its reference: samples, ground-truth reward, KL, win rate,
-preference accuracy (MATH.md section 6).
+preference accuracy (docs/evaluation.md).
 
 - ``sample``: completions drawn with ``model.generate`` (pure ancestral sampling: temperature 1, no
   top-k / top-p, so the samples follow the policy's own distribution, which the KL estimate needs).
@@ -27,6 +27,7 @@ import yaml
 
 from prefopt.config import TrainConfig
 from prefopt.data.collate import PaddedPairCollator, to_device
+from prefopt.data.formats import rows_to_pairs
 from prefopt.data.prepare import prepare_dataset
 from prefopt.data.sources import read_rows
 from prefopt.data.tokenize import TokenizedPair, adds_bos
@@ -246,9 +247,11 @@ def evaluate_policy(policy, ref, tokenizer, prompts: Sequence[str], scorer, *, r
     return result
 
 
-def read_prompts(path: str, column: str = "prompt") -> list[str]:
-    """Prompts from a ``.txt`` file (one per non-empty line) or any table ``prefopt train`` reads
-    (a ``prompt`` column, or ``column``)."""
+def read_prompts(path: str, tokenizer=None, column: str = "prompt") -> list[str]:
+    """Prompts from a ``.txt`` file (one per non-empty line), a table's ``prompt`` column (or
+    ``column``), or any preference file ``prefopt train`` reads: its prompts, read by the training
+    data path (implicit-prompt files like Anthropic HH: the shared start of chosen and rejected;
+    conversational rows: rendered with ``tokenizer``'s chat template), each prompt once, in order."""
     p = Path(path)
     if p.suffix.lower() == ".txt":
         if not p.is_file():
@@ -262,17 +265,21 @@ def read_prompts(path: str, column: str = "prompt") -> list[str]:
         prompts = [line.strip() for line in text.splitlines() if line.strip()]
     else:
         raw = read_rows(path)
-        prompts = []
-        for row_no, row in raw:
-            value = row.get(column)
-            if not isinstance(value, str) or not value.strip():
-                raise DataError(raw.source, row_no, column, "missing or not a non-empty string", raw.row_label)
-            try:
-                value.encode("utf-8")
-            except UnicodeEncodeError as e:  # a lone surrogate ("\ud800" in JSON): no tokenizer takes it
-                raise DataError(raw.source, row_no, column, f"not valid Unicode text (a lone surrogate "
-                                f"{value[e.start]!r} at character {e.start})", raw.row_label) from None
-            prompts.append(value)
+        if raw.rows and column == "prompt" and {"chosen", "rejected", "responses"} & set(raw.rows[0][1]):
+            pairs, _ = rows_to_pairs(raw, tokenizer=tokenizer)  # as the training data path reads them
+            prompts = list(dict.fromkeys(pair.prompt for pair in pairs))
+        else:
+            prompts = []
+            for row_no, row in raw:
+                value = row.get(column)
+                if not isinstance(value, str) or not value.strip():
+                    raise DataError(raw.source, row_no, column, "missing or not a non-empty string", raw.row_label)
+                try:
+                    value.encode("utf-8")
+                except UnicodeEncodeError as e:  # a lone surrogate ("\ud800" in JSON): no tokenizer takes it
+                    raise DataError(raw.source, row_no, column, f"not valid Unicode text (a lone surrogate "
+                                    f"{value[e.start]!r} at character {e.start})", raw.row_label) from None
+                prompts.append(value)
     if not prompts:
         raise PrefoptError(f"{path}: no prompts")
     return prompts
@@ -333,8 +340,8 @@ def run_eval(models: list[str], ref: str, *, prompts: str, scorer: str, num_samp
     for model_path in [*models, ref]:  # every model is checked before any result is written
         check_model(model_path)
     score = load_scorer(scorer)
-    prompt_list = read_prompts(prompts)
     tokenizer = load_tokenizer(models[0])
+    prompt_list = read_prompts(prompts, tokenizer)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     ref_model = load_causal_lm(ref).to(device)
     common = dict(num_samples=num_samples, max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size)

@@ -4,7 +4,7 @@ Two kinds of reward, one interface (``Rewarder``: token sequences in, one float 
 
 - a trained Bradley–Terry reward model (``modeling/reward_model.py``);
 - the implicit reward of a DPO-trained policy, ``beta * (log pi(y|x) - log ref(y|x))``
-  (MATH.md section 2), from the same per-pair log-probs as ``prefopt logps``.
+  (Rafailov et al. 2023, arXiv 2305.18290, section 5), from the same per-pair log-probs as ``prefopt logps``.
 
 ``score_dataset`` writes the input rows back, in input order and otherwise unchanged, with
 ``score_chosen``/``score_rejected`` added (pair formats) or ``scores`` (rated format, one per
@@ -68,7 +68,7 @@ class ModelRewarder:
 def implicit_rewards(policy, ref, pairs: list[TokenizedPair], collator, *, beta: float, batch_size: int, device,
                      progress: bool = False) -> tuple[list[float], list[float]]:
     """DPO's implicit reward ``beta * (log pi(y|x) - log ref(y|x))`` of every pair's chosen and
-    rejected response (MATH.md section 2), from the same per-pair log-probs as ``prefopt logps``."""
+    rejected response (Rafailov et al. 2023, arXiv 2305.18290, section 5), from the same per-pair log-probs as ``prefopt logps``."""
     kw = dict(batch_size=batch_size, device=device, progress=progress)
     pol = score_pairs(policy, pairs, collator, **kw)
     ref_rows = score_pairs(ref, pairs, collator, **kw)
@@ -194,7 +194,9 @@ def score_dataset(cfg, rewarder, output: str | Path) -> dict[str, Any]:
     raw = decode_list_cells(raw, list_columns(fmt, c))
     items, slots, groups = _items(raw, fmt, c, rewarder.tokenizer)
     encoded, stats = tokenize_responses(items, rewarder.tokenizer, max_length=cfg.max_length,
-                                        max_prompt_length=cfg.max_prompt_length)
+                                        max_prompt_length=cfg.prompt_limit(),
+                                        max_completion_length=cfg.max_completion_length,
+                                        truncation_mode=cfg.truncation_mode)
     scores = rewarder.score_responses(encoded, groups)
     rows = [dict(row) for _, row in raw.rows]
     if fmt == "rated":

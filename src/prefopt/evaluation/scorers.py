@@ -121,10 +121,10 @@ def _saved_lengths(path: str | Path) -> tuple[int, int | None]:
         except yaml.YAMLError:
             saved = {}
         if isinstance(saved, dict):
-            return int(saved.get("max_length", defaults.max_length)), saved.get(
-                "max_prompt_length", defaults.max_prompt_length
-            )
-    return defaults.max_length, defaults.max_prompt_length
+            lengths = TrainConfig(max_length=int(saved.get("max_length", defaults.max_length)),
+                                  max_prompt_length=saved.get("max_prompt_length", defaults.max_prompt_length))
+            return lengths.max_length, lengths.prompt_limit()
+    return defaults.max_length, defaults.prompt_limit()
 
 
 def reward_model_scorer(path: str | Path, *, batch_size: int = 16, device=None) -> Callable[[list[str]], list[float]]:

@@ -1,4 +1,4 @@
-"""The Bradley–Terry loss of a reward model (MATH.md section 1), a pure tensor function.
+"""The Bradley–Terry loss of a reward model (Bradley and Terry 1952; docs/reward_models.md), a pure tensor function.
 
 It lives beside the preference losses rather than in their registry: the registry's losses take policy and
 reference log-probs, while a reward model's loss takes the model's own scalar scores.
@@ -27,5 +27,5 @@ def bt_loss(chosen_rewards: Tensor, rejected_rewards: Tensor, margin: Tensor | N
 
 
 def score_margins(score_chosen: Tensor, score_rejected: Tensor, scale: float) -> Tensor:
-    """The BT margin ``m = scale * max(s_w - s_l, 0)`` per pair (MATH.md: ``m >= 0``)."""
+    """The BT margin ``m = scale * max(s_w - s_l, 0)`` per pair (``m >= 0``: a margin never rewards the wrong order)."""
     return (scale * (score_chosen - score_rejected)).clamp_min(0.0)

@@ -1,4 +1,4 @@
-"""ODPO's offset (MATH.md section 4): how far apart the policy must push a pair, from its scores."""
+"""ODPO's offset (Amini, Vieira, Cotterell 2024, arXiv 2402.10571): how far apart the policy must push a pair, from its scores."""
 
 from __future__ import annotations
 

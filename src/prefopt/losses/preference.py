@@ -1,10 +1,10 @@
-"""The preference losses as pure tensor functions (MATH.md sections 2-5), and their registry.
+"""The preference losses as pure tensor functions (docs/losses.md, which cites each paper), and their registry.
 
 Every loss sees the same inputs, the per-response *summed* log-probabilities of the policy and the
 reference (shape ``[B]``), and returns per-pair losses of shape ``[B]``. Losses are registered by name
 in ``LOSSES``; adding one is one decorated function, never an ``if loss_type == ...`` chain.
 
-Notation (MATH.md): ``h = (log pi(y_w) - log ref(y_w)) - (log pi(y_l) - log ref(y_l))``, the implicit
+Notation (docs/losses.md): ``h = (log pi(y_w) - log ref(y_w)) - (log pi(y_l) - log ref(y_l))``, the implicit
 reward ``r = beta * (log pi - log ref)``, and the ODPO offset ``delta = alpha * f(s_w, s_l)`` which
 sits *inside* the link: ``-log sigmoid(beta * h - delta)``.
 
@@ -49,7 +49,7 @@ class LossInputs:
 
     @property
     def h(self) -> Tensor:
-        """The log-ratio margin ``h(x, y_w, y_l)`` of MATH.md section 2."""
+        """The log-ratio margin ``h(x, y_w, y_l)`` (docs/losses.md, Notation)."""
         return self.chosen_logratios - self.rejected_logratios
 
     @property

@@ -1,4 +1,4 @@
-"""Bradley–Terry reward models (MATH.md section 1): a language model with a scalar head.
+"""Bradley–Terry reward models (docs/reward_models.md): a language model with a scalar head.
 
 The model is ``AutoModelForSequenceClassification`` with ``num_labels = 1``, so the saved directory
 loads with ``transformers`` alone. Its score for a sequence is the head applied to the hidden state

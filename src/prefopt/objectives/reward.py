@@ -1,4 +1,4 @@
-"""The Bradley–Terry reward-model objective (MATH.md section 1): scores of both responses -> BT loss."""
+"""The Bradley–Terry reward-model objective (docs/reward_models.md): scores of both responses -> BT loss."""
 
 from __future__ import annotations
 

@@ -74,7 +74,7 @@ PAIR_COLUMNS = {k: getattr(_DEFAULTS, k) for k in (
 
 def unique_prompts(path: str, column: str) -> list[str]:
     """The prompts of ``path`` in file order, each once (a preference file repeats its prompts)."""
-    return list(dict.fromkeys(read_prompts(path, column)))
+    return list(dict.fromkeys(read_prompts(path, column=column)))
 
 
 def round_prompts(num_prompts: int, per_round: int, round_no: int, seed: int) -> list[int]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import os
+import sys
 
 import torch
 from accelerate import Accelerator
@@ -61,9 +62,44 @@ def build_accelerator(cfg):
     except ImportError as e:  # e.g. a DeepSpeed config without the deepspeed package
         raise ConfigError(f"the Accelerate launch config needs a missing package: {e}") from None
     check_engine(accelerator)
+    apply_tf32(cfg, on_gpu)
+    notice = None if on_gpu else slow_cpu_precision(cfg)
+    if notice and accelerator.is_main_process:
+        print(f"prefopt: note: {notice}", file=sys.stderr)
     if engine_of(accelerator) == "deepspeed":
         configure_deepspeed(accelerator, cfg)
     return accelerator
+
+
+def apply_tf32(cfg, on_gpu: bool) -> None:
+    """``tf32``: TF32 matmuls and cuDNN convolutions on CUDA (None keeps torch's setting)."""
+    if cfg.tf32 is not None and on_gpu:
+        torch.backends.cuda.matmul.allow_tf32 = bool(cfg.tf32)
+        torch.backends.cudnn.allow_tf32 = bool(cfg.tf32)
+
+
+def slow_cpu_precision(cfg, capabilities: dict | None = None) -> str | None:
+    """A one-line notice when bf16/fp16 is asked for on a CPU without instructions for it: torch
+    then emulates the format through float32 conversions, several times slower than float32."""
+    wanted = [name for name, on in (("bf16", cfg.bf16 or cfg.torch_dtype == "bfloat16"),
+                                    ("fp16", cfg.fp16 or cfg.torch_dtype == "float16")) if on]
+    if not wanted:
+        return None
+    if capabilities is None:
+        try:
+            capabilities = torch.cpu.get_capabilities()
+        except (AttributeError, RuntimeError):  # older torch: no way to tell, so say nothing
+            return None
+    if capabilities.get("architecture") != "x86_64":
+        return None  # the capability flags below are x86's
+    fast = {"bf16": ("avx512_bf16", "amx_bf16"), "fp16": ("avx512_fp16", "amx_fp16")}
+    slow = [w for w in wanted if not any(capabilities.get(flag) for flag in fast[w])]
+    if not slow:
+        return None
+    flags = " or ".join(fast[slow[0]])
+    return (f"{slow[0]} on this CPU ({capabilities.get('cpu_name', 'unknown')}) has no {flags} instructions: "
+            f"torch emulates it, which is usually several times slower than float32 (bf16: false, "
+            "torch_dtype: float32 for speed)")
 
 
 def _forget_single_process_state() -> None:

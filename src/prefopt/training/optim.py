@@ -7,15 +7,17 @@ import math
 import torch
 
 
-def lr_multiplier(step: int, *, kind: str, warmup_steps: int, total_steps: int) -> float:
+def lr_multiplier(step: int, *, kind: str, warmup_steps: int, total_steps: int, min_lr_rate: float = 0.0) -> float:
     """Multiplier of the peak learning rate used for optimizer step ``step`` (0-based).
 
-    Linear warm-up from 0 over ``warmup_steps``, then ``constant``, ``linear`` decay to 0 or
-    ``cosine`` decay to 0 at ``total_steps``.
+    Linear warm-up from 0 over ``warmup_steps``, then ``constant`` (also called
+    ``constant_with_warmup``, transformers' name for it), ``linear`` decay to 0, ``cosine`` decay to 0
+    at ``total_steps``, or ``cosine_with_min_lr``: the cosine scaled into ``[min_lr_rate, 1]``, as
+    transformers computes it.
     """
     if step < warmup_steps:
         return step / max(1, warmup_steps)
-    if kind == "constant":
+    if kind in ("constant", "constant_with_warmup"):
         return 1.0
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     progress = min(max(progress, 0.0), 1.0)
@@ -23,6 +25,8 @@ def lr_multiplier(step: int, *, kind: str, warmup_steps: int, total_steps: int) 
         return 1.0 - progress
     if kind == "cosine":
         return 0.5 * (1.0 + math.cos(math.pi * progress))
+    if kind == "cosine_with_min_lr":
+        return min_lr_rate + (1.0 - min_lr_rate) * 0.5 * (1.0 + math.cos(math.pi * progress))
     raise ValueError(f"unknown lr_scheduler_type {kind!r}")
 
 
@@ -52,6 +56,7 @@ def build_scheduler(cfg, optimizer, total_steps: int) -> torch.optim.lr_schedule
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer,
         lambda step: lr_multiplier(
-            step, kind=cfg.lr_scheduler_type, warmup_steps=cfg.warmup_steps, total_steps=total_steps
+            step, kind=cfg.lr_scheduler_type, warmup_steps=cfg.warmup_for(total_steps), total_steps=total_steps,
+            min_lr_rate=cfg.min_lr_rate,
         ),
     )
