@@ -403,8 +403,6 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
         self._check_numbers()
         self.output_dir = os.path.expanduser(str(self.output_dir))  # `~/runs/a` as a shell would read it
-        if self.max_prompt_length is not None and self.max_prompt_length < 1:
-            raise ConfigError(f"max_prompt_length must be at least 1 (or none), got {self.max_prompt_length}")
         if self.max_steps == 0 or (self.max_steps < 0 and self.num_train_epochs <= 0):
             raise ConfigError("set max_steps > 0 or num_train_epochs > 0")
         if self.save_total_limit is not None and self.save_total_limit < 1:
