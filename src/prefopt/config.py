@@ -36,6 +36,7 @@ _GROUP_COMMANDS = {
     "model": TRAINING, "data": CONFIG_COMMANDS, "objective": (TRAIN,), "training": TRAINING,
     "performance": (TRAIN,), "output": TRAINING, "reward model": (REWARD_TRAIN,), "scale": TRAINING,
     "TRL names": TRAINING, "attention": (TRAIN, LOGPS), "verification": TRAINING, "online": ("online",),
+    "data store": (*TRAINING, VALIDATE),
 }
 
 
