@@ -89,7 +89,9 @@ def old_path(cfg: TrainConfig, path: Path, tok, score_policy: bool = True):
     pairs, stats = load_pairs(str(path), fmt=cfg.dataset_format, columns=Columns.from_config(cfg), tokenizer=tok)
     pairs, nonpositive = apply_score_policy(pairs, cfg) if score_policy else (pairs, 0)
     tokenized, tok_stats = tokenize_pairs(pairs, tok, max_length=cfg.max_length,
-                                          max_prompt_length=cfg.max_prompt_length)
+                                          max_prompt_length=cfg.prompt_limit(),
+                                          max_completion_length=cfg.max_completion_length,
+                                          truncation_mode=cfg.truncation_mode)
     summary = {**stats.as_dict(), "nonpositive_score_diff": nonpositive,
                "nonpositive_policy": cfg.nonpositive_score_diff if nonpositive else None,
                "tokenization": tok_stats.as_dict()}
@@ -197,6 +199,8 @@ def test_hit_after_a_no_op_and_a_miss_after_each_change_of_the_key(tmp_path):
         "a column name": prepare({"prompt_column": "question"}, spec=renamed),
         "max_length": prepare({"max_length": 63}),
         "max_prompt_length": prepare({"max_prompt_length": 7}),
+        "max_completion_length": prepare({"max_completion_length": 2}),
+        "truncation_mode": prepare({"truncation_mode": "keep_start"}),
         "loss that needs scores": prepare({"loss_type": "odpo"}),
         "nonpositive_score_diff": prepare({"loss_type": "odpo", "nonpositive_score_diff": "clamp"}),
     }
