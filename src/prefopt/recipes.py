@@ -25,6 +25,7 @@ from prefopt.data.collate import RewardPairCollator
 from prefopt.data.formats import Columns, load_pairs
 from prefopt.data.prepare import apply_score_policy, prepare_dataset, prepare_train_eval, summary_line
 from prefopt.errors import ConfigError
+from prefopt.evaluation.model_card import write_model_card
 from prefopt.io import write_jsonl_atomic, write_text_atomic
 from prefopt.losses.combine import LossOptions
 from prefopt.memory import return_freed_memory
@@ -40,6 +41,7 @@ from prefopt.objectives.reward import RewardObjective, check_margin_scores
 from prefopt.training.checkpoint import restore
 from prefopt.training.distributed import build_accelerator, engine_of, load_dtype, prepare_reference
 from prefopt.training.preflight import RunPlan, check_model_paths, plan_run, prepare_output_dir
+from prefopt.training.metrics import resolve_trackers, run_summary
 from prefopt.training.trainer import Trainer
 
 # ------------------------------------------------------------------------------------------------
@@ -63,6 +65,7 @@ def _start(cfg: TrainConfig, *, model, tokenizer, train_dataset) -> tuple[RunPla
     """Check every setting and path, then build the accelerator: before any data is read or any
     file written. Returns the plan, the accelerator and the tokenizer."""
     cfg.validate(require_paths=False)
+    resolve_trackers(cfg.report_to)  # a tracker that is not installed: one line, before anything is read
     _check_sources(cfg, model=model, tokenizer=tokenizer, train_dataset=train_dataset)
     plan = plan_run(cfg)  # output_dir rule, model paths, checkpoint to resume
     if cfg.return_freed_memory:
@@ -92,14 +95,29 @@ def start_output_dir(cfg: TrainConfig, plan: RunPlan, summaries: dict, accelerat
 
 
 def _run(cfg: TrainConfig, plan: RunPlan, accelerator, *, model, train_pairs, eval_pairs, collator, objective,
-         summaries: dict, save_model: Callable) -> dict[str, Any]:
+         summaries: dict, save_model: Callable) -> tuple[dict[str, Any], Trainer]:
     """The one run: the run directory, the ``Trainer``, restore the planned checkpoint, train."""
     start_output_dir(cfg, plan, summaries, accelerator)
     trainer = Trainer(cfg, model=model, train_data=train_pairs, eval_data=eval_pairs, collator=collator,
                       objective=objective, save_model=save_model, accelerator=accelerator)
     if plan.resume_from is not None:
         restore(trainer, plan.resume_from)
-    return trainer.train()
+    return trainer.train(), trainer
+
+
+def finish_run(cfg: TrainConfig, trainer: Trainer, final: dict[str, Any], summaries: dict, *, kind: str,
+               merged: Path | None = None) -> None:
+    """After the final save (main process): the model card next to the model (and the merged
+    one), then the end-of-run summary on stdout."""
+    if not trainer.accelerator.is_main_process:
+        return
+    output_dir = Path(cfg.output_dir)
+    write_model_card(output_dir, cfg, final=final, steps=trainer.step, summaries=summaries, kind=kind,
+                     copies=[merged] if merged is not None else [])
+    extra = {"merged model": merged} if merged is not None else None
+    for line in run_summary(final, steps=trainer.step, seconds=trainer.wall_time, output_dir=output_dir,
+                            what="reward model" if kind == "reward model" else "model", extra_dirs=extra):
+        print(line, flush=True)
 
 
 def build_models(cfg: TrainConfig, accelerator, options: LossOptions | None = None, *, live_reference: bool = True,
@@ -194,16 +212,19 @@ def train(cfg: TrainConfig, *, model=None, tokenizer=None, ref_model=None, train
         model.save_pretrained(directory, **kwargs)  # a PEFT model writes only its adapter
         tokenizer.save_pretrained(directory)
 
-    final = _run(cfg, plan, accelerator, model=policy, train_pairs=train_pairs, eval_pairs=eval_pairs,
-                 collator=collator, objective=PreferenceObjective(options, reference), summaries=summaries,
-                 save_model=save_model)
+    final, trainer = _run(cfg, plan, accelerator, model=policy, train_pairs=train_pairs, eval_pairs=eval_pairs,
+                          collator=collator, objective=PreferenceObjective(options, reference),
+                          summaries=summaries, save_model=save_model)
+    merged = None
     if cfg.use_peft and cfg.merge_adapter_on_save:
         # From the saved adapter files, on one process: the same for every engine.
         output_dir = Path(cfg.output_dir)
+        merged = output_dir / "merged"
         if accelerator.is_main_process:
-            merged = merge_adapter(cfg.model_name_or_path, output_dir, output_dir / "merged", dtype=load_dtype(cfg))
+            merge_adapter(cfg.model_name_or_path, output_dir, merged, dtype=load_dtype(cfg))
             tokenizer.save_pretrained(merged)
         accelerator.wait_for_everyone()
+    finish_run(cfg, trainer, final, summaries, kind="policy", merged=merged)
     return final
 
 
@@ -242,9 +263,11 @@ def train_reward_model(cfg: TrainConfig, *, model=None, tokenizer=None, train_da
         tokenizer.save_pretrained(directory)
 
     objective = RewardObjective(margin_from_scores=cfg.margin_from_scores, margin_scale=cfg.margin_scale)
-    return _run(cfg, plan, accelerator, model=model, train_pairs=train_pairs, eval_pairs=eval_pairs,
-                collator=RewardPairCollator(tokenizer.pad_token_id), objective=objective, summaries=summaries,
-                save_model=save_model)
+    final, trainer = _run(cfg, plan, accelerator, model=model, train_pairs=train_pairs, eval_pairs=eval_pairs,
+                          collator=RewardPairCollator(tokenizer.pad_token_id), objective=objective,
+                          summaries=summaries, save_model=save_model)
+    finish_run(cfg, trainer, final, summaries, kind="reward model")
+    return final
 
 
 def logps(cfg: TrainConfig, output: str, batch_size: int = 8) -> int:

@@ -35,9 +35,7 @@ def _train(args, unknown) -> int:
     from prefopt.recipes import train
 
     cfg = config_from_args(args, unknown)
-    train(cfg)
-    if os.environ.get("RANK", "0") == "0":  # once, not once per process (torchrun / accelerate launch)
-        print(f"prefopt: model saved to {cfg.output_dir}", file=sys.stderr)
+    train(cfg)  # ends with the run's summary on stdout (steps, time, final metrics, where the model is)
     return 0
 
 

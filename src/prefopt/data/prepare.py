@@ -4,6 +4,7 @@ kept and dropped (printed by every command, saved as a run's ``data_summary.json
 from __future__ import annotations
 
 import json
+import random
 from typing import Any
 
 from prefopt.data.formats import Columns, load_pairs
@@ -83,7 +84,21 @@ def prepare_train_eval(cfg, tokenizer, *, train_data=None, eval_data=None, score
     if eval_spec is not None:
         eval_pairs, summaries["eval"] = prepare_dataset(cfg, eval_spec, cfg.eval_dataset_split, tokenizer,
                                                         score_policy=score_policy)
+        limit = getattr(cfg, "eval_max_pairs", None)
+        if limit is not None and len(eval_pairs) > limit:
+            eval_pairs = seeded_subset(eval_pairs, limit, cfg.seed)
+            summaries["eval"]["evaluated_pairs"] = len(eval_pairs)
     return train_pairs, eval_pairs, summaries
+
+
+def seeded_subset(items: list, k: int, seed: int) -> list:
+    """``k`` of ``items`` drawn without replacement by ``seed``, kept in their file order: the same
+    subset for every evaluation of a run (curves stay comparable) and for every rerun."""
+
+    if k >= len(items):
+        return list(items)
+    chosen = sorted(random.Random(seed).sample(range(len(items)), k))
+    return [items[i] for i in chosen]
 
 
 def summary_line(role: str, s: dict) -> str:
@@ -98,6 +113,8 @@ def summary_line(role: str, s: dict) -> str:
         parts.append(f"truncated {tok['prompt_truncated']} prompts, {tok['completion_truncated']} completions")
     if s.get("nonpositive_score_diff") and s.get("nonpositive_policy") == "clamp":
         parts.append(f"clamped {s['nonpositive_score_diff']} offsets")
+    if s.get("evaluated_pairs") is not None:
+        parts.append(f"evaluating a seeded subset of {s['evaluated_pairs']} pairs (eval_max_pairs)")
     return "; ".join(parts)
 
 

@@ -30,17 +30,17 @@ from prefopt.training.checkpoint import (
 
 # What prefopt writes into an output_dir (the model files are overwritten by the new run's save).
 RUN_FILES = ("config.yaml", "metrics.jsonl", "data_summary.json", ".metrics.jsonl.tmp")
-RUN_DIRS = ("tensorboard",)
+RUN_DIRS = ("runs", "tensorboard")  # runs/: trackers' local files; tensorboard/: older runs
 # The final model that save_pretrained wrote (weights, config, tokenizer, adapter).
 MODEL_FILE_PATTERNS = (
     "*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin", "config.json", "generation_config.json",
     "adapter_config.json", "tokenizer*.json", "special_tokens_map.json", "vocab.*", "merges.txt",
-    "chat_template.jinja", "*.model",
+    "chat_template.jinja", "*.model", "README.md", "training_curves.png",  # the model card and its plot
 )
 # Keys that may change between an interrupted run and its resumption without changing the result.
 RESUME_FREE_KEYS = {
     "resume_from_checkpoint", "overwrite_output_dir", "output_dir", "progress_bar", "report_to",
-    "save_total_limit", "log_throughput", "on_nonfinite", "max_skipped_steps",
+    "save_total_limit", "log_throughput", "on_nonfinite", "max_skipped_steps", "run_name", "logging_dir",
 }
 
 
