@@ -40,8 +40,8 @@ from prefopt.objectives.reference_cache import cached_reference, store_rows
 from prefopt.objectives.reward import RewardObjective, check_margin_scores
 from prefopt.training.checkpoint import restore
 from prefopt.training.distributed import build_accelerator, engine_of, load_dtype, prepare_reference
-from prefopt.training.preflight import RunPlan, check_model_paths, plan_run, prepare_output_dir
 from prefopt.training.metrics import resolve_trackers, run_summary
+from prefopt.training.preflight import RunPlan, check_model_paths, plan_run, prepare_output_dir
 from prefopt.training.trainer import Trainer
 
 # ------------------------------------------------------------------------------------------------
