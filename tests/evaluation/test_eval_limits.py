@@ -77,7 +77,6 @@ def test_eval_limits_progress_stderr_and_cached_reference(cli, tiny_llama, easy_
     assert again["reward"] == got["reward"]
 
 
-
 def test_eval_limits_must_be_positive():
     from prefopt.errors import PrefoptError
     from prefopt.evaluation.policy import run_eval
