@@ -18,6 +18,8 @@ Seeds are fixed everywhere, so a rerun on the same machine writes the same repor
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import shutil
 import sys
@@ -33,7 +35,7 @@ from prefopt.demo import world
 from prefopt.demo.labels import sample_bt_labels
 from prefopt.demo.rm import reward_model_stage
 from prefopt.demo.sft import build_sft_model, train_sft
-from prefopt.evaluation.plots import plot_frontier, plot_training_curves
+from prefopt.evaluation.plots import plot_frontier, plot_training_curves, scorer_label
 from prefopt.evaluation.policy import evaluate_policy, sample_and_score
 from prefopt.evaluation.scorers import load_scorer
 from prefopt.modeling.load import load_causal_lm, load_tokenizer
@@ -201,7 +203,8 @@ def run_demo(output_dir: str | Path, *, quick: bool = False, progress: bool = Tr
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / "report.md").write_text(report_markdown(report))
 
-    plot_frontier(entries, out / "frontier.png", title="Toy controlled sentiment: reward vs KL from SFT")
+    plot_frontier(entries, out / "frontier.png", title="Toy controlled sentiment: reward vs KL from SFT",
+                  reward_label=f"mean ground-truth score of samples: {scorer_label(SCORER)}")
     plot_training_curves({name: run_dir / "metrics.jsonl" for name, _, _, run_dir in run_dirs},
                          out / "training_curves.png")
     print(f"prefopt demo: done in {time.perf_counter() - started:.0f} s; report in {out / 'report.md'}",
@@ -219,9 +222,10 @@ def _train_run(run_dir: Path, sft_dir: Path, train_file: Path, eval_file: Path, 
         per_device_train_batch_size=settings.batch_size, per_device_eval_batch_size=64,
         num_train_epochs=settings.epochs, warmup_steps=0, lr_scheduler_type="linear", seed=settings.seed,
         max_length=64, max_prompt_length=32, output_dir=str(run_dir), logging_steps=5, save_steps=0,
-        report_to="none", progress_bar=progress,
+        report_to="none", progress_bar=progress, eval_max_pairs=None,
     )
-    train(cfg)
+    with contextlib.redirect_stdout(io.StringIO()):  # the demo reports its own stages, not 19 run summaries
+        train(cfg)
 
 
 def _rounded(value: Any, digits: int = 4) -> Any:

@@ -119,7 +119,8 @@ def model_card(cfg, *, final: dict[str, Any], steps: int, summaries: dict[str, A
     lines += ["", "Full counts (dropped and truncated rows and why) are in `data_summary.json` of the run.", ""]
     lines += ["## Final metrics", "", "| metric | train (last logged window) | eval |", "| --- | --- | --- |"]
     names = sorted({k for k in final if not k.startswith("eval/")} | {k[5:] for k in final if k.startswith("eval/")})
-    skip = {"step", "epoch", "learning_rate", "tokens_per_second", "pairs_per_second", "skipped_steps"}
+    skip = {"step", "epoch", "learning_rate", "tokens_per_second", "pairs_per_second", "skipped_steps", "runtime",
+            "pairs"}
     for name in names:
         if name in skip:
             continue

@@ -34,6 +34,7 @@ from prefopt.errors import DataError, PrefoptError
 from prefopt.evaluation.plots import frontier_entries, plot_frontier
 from prefopt.evaluation.scorers import load_scorer
 from prefopt.io import write_text_atomic
+from prefopt.modeling.attention import model_collator
 from prefopt.modeling.load import load_causal_lm, load_tokenizer
 from prefopt.modeling.logprobs import pair_logps, score_pairs
 from prefopt.objectives.reference_cache import ReferenceCache, cache_key, model_fingerprint, table_from_rows
@@ -219,7 +220,9 @@ def preference_accuracy(policy, ref, pairs_file: str | list[TokenizedPair], toke
     pairs = pairs_file if isinstance(pairs_file, list) else load_eval_pairs(pairs_file, tokenizer,
                                                                             max_length=max_length)[0]
     device = device or next(policy.parameters()).device
-    collator = PaddedPairCollator(tokenizer.pad_token_id)
+    # Training's `layout: auto` (a long prompt runs once for both responses): the same log-probs as
+    # the plain padded layout, at a fraction of the cost on long-prompt data such as TL;DR.
+    collator = model_collator("auto", pairs, batch_size, policy, tokenizer.pad_token_id)
     if ref_rows is None:
         ref_rows = reference_pair_logps(ref, ref_path, pairs, collator, batch_size=batch_size, device=device,
                                         progress=progress)[0]
@@ -404,8 +407,8 @@ def run_eval(models: list[str], ref: str, *, prompts: str, scorer: str, num_samp
     ref_pair_rows = None
     if pair_list is not None:
         ref_pair_rows, cached = reference_pair_logps(
-            ref_model, ref, pair_list, PaddedPairCollator(tokenizer.pad_token_id), batch_size=batch_size,
-            device=device, progress=progress)
+            ref_model, ref, pair_list, model_collator("auto", pair_list, batch_size, ref_model, tokenizer.pad_token_id),
+            batch_size=batch_size, device=device, progress=progress)
         if cached:
             print(f"prefopt: reference log-probs of the {len(pair_list)} pairs reused from the cache",
                   file=sys.stderr)

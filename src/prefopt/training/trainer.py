@@ -279,7 +279,11 @@ class Trainer:
         return final
 
     def log_eval(self) -> dict[str, float]:
+        began = time.perf_counter()
         row = self.evaluate()
+        if row and self.cfg.log_throughput:  # wall-clock, like tokens_per_second (TRL's eval_runtime)
+            row["eval/runtime"] = time.perf_counter() - began
+            row["eval/pairs"] = len(self.eval_data)
         if row:
             self.logger.log({"step": self.step, **row})
         return row
