@@ -39,11 +39,11 @@ def test_labels_in_a_dense_cluster_do_not_overlap_each_other_or_the_markers():
 
 
 def test_axis_names_come_from_the_scorer(tmp_path):
-    assert scorer_label("prefopt.demo.world:sentiment_score") == "sentiment_score (prefopt.demo.world)"
+    assert scorer_label("prefopt.demo.world:sentiment_score") == "sentiment_score"
     rm = tmp_path / "my_rm"
     rm.mkdir()
-    assert scorer_label(str(rm)) == "reward model my_rm"
-    assert reward_axis_label([{"scorer": "m:f"}, {"scorer": "m:f"}]) == "mean score of samples: f (m)"
+    assert scorer_label(str(rm)) == "reward (RM my_rm)"
+    assert reward_axis_label([{"scorer": "m:f"}, {"scorer": "m:f"}]) == "mean f of samples"
     assert reward_axis_label([{"scorer": "m:f"}, {"scorer": "m:g"}]).endswith("(several scorers!)")
     # Through the eval JSON files `prefopt eval` writes.
     for name, kl, reward in (("a", 0.5, 0.7), ("b", 1.0, 0.8)):
@@ -53,7 +53,7 @@ def test_axis_names_come_from_the_scorer(tmp_path):
     from prefopt.evaluation.plots import frontier_entries
 
     entries = frontier_entries(sorted(tmp_path.glob("eval_*.json")))
-    assert reward_axis_label(entries) == "mean score of samples: helpfulness (pkg.mod)"
+    assert reward_axis_label(entries) == "mean helpfulness of samples"
     path = plot_frontier(entries, tmp_path / "frontier.png")
     assert path.read_bytes()[:4] == b"\x89PNG"
 

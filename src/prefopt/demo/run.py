@@ -204,7 +204,7 @@ def run_demo(output_dir: str | Path, *, quick: bool = False, progress: bool = Tr
     (out / "report.md").write_text(report_markdown(report))
 
     plot_frontier(entries, out / "frontier.png", title="Toy controlled sentiment: reward vs KL from SFT",
-                  reward_label=f"mean ground-truth score of samples: {scorer_label(SCORER)}")
+                  reward_label=f"mean ground-truth {scorer_label(SCORER)} of samples")
     plot_training_curves({name: run_dir / "metrics.jsonl" for name, _, _, run_dir in run_dirs},
                          out / "training_curves.png")
     print(f"prefopt demo: done in {time.perf_counter() - started:.0f} s; report in {out / 'report.md'}",

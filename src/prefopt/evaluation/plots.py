@@ -32,22 +32,21 @@ def pyplot():
 
 
 def scorer_label(scorer: str | None) -> str:
-    """A short name for a scorer: ``pkg.mod:function`` -> ``function (pkg.mod)``, a reward-model
-    directory -> ``reward model NAME``."""
+    """A short name for a scorer, short enough for an axis: ``pkg.mod:function`` -> ``function``,
+    a reward-model directory -> ``reward (RM NAME)``."""
     if not scorer:
         return "reward"
     scorer = str(scorer)
     if ":" in scorer and not Path(scorer).exists():
-        module, _, fn = scorer.rpartition(":")
-        return f"{fn} ({module})"
-    return f"reward model {Path(scorer).name}"
+        return scorer.rpartition(":")[2]
+    return f"reward (RM {Path(scorer).name})"
 
 
 def reward_axis_label(entries: list[dict[str, Any]]) -> str:
     """The frontier's y-axis: the mean score of samples under the scorer the entries name."""
     scorers = {e.get("scorer") for e in entries if e.get("scorer")}
     if len(scorers) == 1:
-        return f"mean score of samples: {scorer_label(scorers.pop())}"
+        return f"mean {scorer_label(scorers.pop())} of samples"
     return "mean reward of samples" + (" (several scorers!)" if len(scorers) > 1 else "")
 
 
