@@ -59,9 +59,9 @@ def resolve_trackers(report_to: str) -> list[str]:
         return [n for n in TRACKER_PACKAGES if n in available]
     missing = [n for n in names if n not in available]
     if missing:
-        extras = ", ".join(f"pip install {TRACKER_PACKAGES[n]}" for n in missing)
-        raise ConfigError(f"report_to: {', '.join(missing)} is not installed ({extras}, or pip install "
-                          f"'prefopt[{','.join(missing)}]'); or drop it from report_to")
+        packages = " ".join(TRACKER_PACKAGES[n] for n in missing)
+        raise ConfigError(f"report_to: {', '.join(missing)} is not installed: pip install {packages} "
+                          "(or drop it from report_to)")
     return list(dict.fromkeys(names))
 
 
