@@ -242,3 +242,31 @@ def test_throughput_leaves_out_evaluation_time(tiny_llama, easy_data, tmp_path, 
     assert len(rows) == 2 and offset["s"] == 4000.0  # evaluations after steps 1, 2, 3 and at the end
     for r in rows:  # each window: 2 steps of 16 pairs in all, with one or two evaluations inside it
         assert 16 / r["pairs_per_second"] < 100.0
+
+
+@pytest.mark.slow
+def test_tensorboard_after_a_killed_and_resumed_run_shows_each_step_once(tiny_llama, tmp_path):
+    """Killed after step 5 (checkpoint at 3, TensorBoard already holds step 4), then resumed: the
+    stale step-4 event is purged, and TensorBoard shows what metrics.jsonl shows."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from prefopt.toy import easy_preferences, write_jsonl
+    from tests.training.test_checkpoint import run_train
+
+    data = write_jsonl(tmp_path / "pairs.jsonl", easy_preferences(16, seed=3))
+    out = tmp_path / "run"
+    tb = ["--report_to", "tensorboard", "--run_name", "r"]
+    killed = run_train(tiny_llama, data, out, *tb, kill_at="step:5")
+    assert killed.returncode != 0
+    before = EventAccumulator(str(out / "runs" / "r"))
+    before.Reload()
+    assert [e.step for e in before.Scalars("loss")] == [2, 4]
+    resumed = run_train(tiny_llama, data, out, *tb, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    rows = [r for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
+    events = EventAccumulator(str(out / "runs" / "r"))
+    events.Reload()
+    scalars = events.Scalars("loss")
+    assert [e.step for e in scalars] == [r["step"] for r in rows] == [2, 4, 6, 8]
+    assert [e.value for e in scalars] == pytest.approx([r["loss"] for r in rows], rel=1e-6)
