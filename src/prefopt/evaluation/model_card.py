@@ -31,8 +31,9 @@ def hub_id(name: str | None) -> str | None:
     return name
 
 
-def card_metadata(cfg, *, kind: str = "policy") -> dict[str, Any]:
-    """The YAML front matter."""
+def card_metadata(cfg, *, kind: str = "policy", merged: bool = False) -> dict[str, Any]:
+    """The YAML front matter. A LoRA run's own directory holds the adapter (``library_name: peft``,
+    as the Hub expects for adapters); its ``merged`` copy is a plain transformers model."""
     losses = [s.strip() for s in str(cfg.loss_type).split(",") if s.strip()]
     if kind == "reward model":
         tags = ["prefopt", "reward-model", "bradley-terry"]
@@ -42,7 +43,8 @@ def card_metadata(cfg, *, kind: str = "policy") -> dict[str, Any]:
             tags.append("odpo")
         if getattr(cfg, "use_peft", False):
             tags.append("lora")
-    meta: dict[str, Any] = {"library_name": "transformers"}
+    adapter = getattr(cfg, "use_peft", False) and not merged
+    meta: dict[str, Any] = {"library_name": "peft" if adapter else "transformers"}
     base = hub_id(cfg.model_name_or_path)
     if base:
         meta["base_model"] = base
@@ -74,9 +76,9 @@ def launched_command() -> str | None:
 
 
 def model_card(cfg, *, final: dict[str, Any], steps: int, summaries: dict[str, Any], kind: str = "policy",
-               plot: str | None = "training_curves.png", command: str | None = None) -> str:
+               plot: str | None = "training_curves.png", command: str | None = None, merged: bool = False) -> str:
     """The card's text (front matter + Markdown)."""
-    meta = card_metadata(cfg, kind=kind)
+    meta = card_metadata(cfg, kind=kind, merged=merged)
     lines = ["---", yaml.safe_dump(meta, sort_keys=False).rstrip(), "---", ""]
     base = cfg.model_name_or_path or "a model given as a Python object"
     if kind == "reward model":
@@ -85,9 +87,12 @@ def model_card(cfg, *, final: dict[str, Any], steps: int, summaries: dict[str, A
                   "Load it with "
                   "`AutoModelForSequenceClassification.from_pretrained`; the score is read at the last real token.", ""]
     else:
+        what = ("a LoRA adapter; load it with `peft.PeftModel.from_pretrained(base, this_dir)` (the merged "
+                "model is in `merged/`)" if meta["library_name"] == "peft" else
+                "load it with `AutoModelForCausalLM.from_pretrained`" + (
+                    " (the LoRA adapter merged into its base)" if merged else ""))
         lines += [f"# Policy trained with prefopt ({cfg.loss_type})", "",
-                  f"Fine-tuned from `{base}` on preference pairs with prefopt `train`. Load it with "
-                  "`AutoModelForCausalLM.from_pretrained`.", ""]
+                  f"Fine-tuned from `{base}` on preference pairs with prefopt `train`: {what}.", ""]
     lines += ["## Training", "", "| setting | value |", "| --- | --- |"]
     settings: list[tuple[str, Any]] = [("loss_type", cfg.loss_type)]
     if kind != "reward model":
@@ -150,13 +155,12 @@ def write_model_card(directory: str | Path, cfg, *, final: dict[str, Any], steps
         name = getattr(cfg, "run_name", None) or directory.resolve().name
         plot_training_curves({name: metrics_path}, directory / "training_curves.png")
         plot = "training_curves.png"
-    text = model_card(cfg, final=final, steps=steps, summaries=summaries, kind=kind, plot=plot,
-                      command=launched_command())
+    card = dict(final=final, steps=steps, summaries=summaries, kind=kind, plot=plot, command=launched_command())
     path = directory / "README.md"
-    write_text_atomic(path, text)
+    write_text_atomic(path, model_card(cfg, **card))
     for other in copies:
         other = Path(other)
-        write_text_atomic(other / "README.md", text)
+        write_text_atomic(other / "README.md", model_card(cfg, merged=True, **card))
         if plot:
             shutil.copyfile(directory / plot, other / plot)
     return path
