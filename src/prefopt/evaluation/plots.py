@@ -237,7 +237,7 @@ def plot_training_curves(runs: dict[str, str | Path], path: str | Path, *, max_r
                       markeredgecolor="black", markeredgewidth=0.5)
                 _line(ax_acc, es, [m.get(f"eval/{acc_key}") for m in evals], color=color, marker="s",
                       linestyle="none", markeredgecolor="black", markeredgewidth=0.5)
-        for ax, title in zip(axes[r], ("loss", "implicit reward", "reward accuracy")):
+        for ax, title in zip(axes[r], ("loss", "rewards (chosen, rejected)", "reward accuracy")):
             ax.set_title(f"{group}: {title}" if group else title, fontsize=10)
             ax.grid(alpha=0.3)
             if r == len(rows) - 1:
