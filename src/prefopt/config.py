@@ -203,9 +203,10 @@ class TrainConfig:
         "W&B's run folder in LOGGING_DIR/wandb); default: OUTPUT_DIR/runs.", group="trackers and evaluation",
     )
     eval_max_pairs: int | None = opt(
-        256, "In-training evaluation scores this many pairs of eval_dataset, a seeded subset fixed for the run "
-        "(256 pairs: accuracy to within about +-3 points at one standard error, at a small fraction of a "
-        "training step's cost per pair); none: every pair.", group="trackers and evaluation",
+        256, "In-training evaluation scores a seeded subset of this many eval_dataset pairs, the same at every "
+        "evaluation; none: every pair. 256 pairs give the reward accuracy to about +-3 points (one standard "
+        "error) and cost about as much as 100 training pairs (a forward pass, no backward).",
+        group="trackers and evaluation",
     )
     # --- reward model ---
     margin_from_scores: bool = opt(
