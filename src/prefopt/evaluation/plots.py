@@ -260,6 +260,8 @@ def plot_training_curves(runs: dict[str, str | Path], path: str | Path, *, max_r
 
 def _line(ax, xs, ys, **kwargs) -> None:
     pts = [(x, y) for x, y in zip(xs, ys) if y is not None]
+    if len(pts) < 3 and "marker" not in kwargs:  # one or two logged rows: a line alone could be invisible
+        kwargs.update(marker="o", markersize=3)
     if pts:
         ax.plot([x for x, _ in pts], [y for _, y in pts], **kwargs)
 
