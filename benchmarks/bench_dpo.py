@@ -58,6 +58,7 @@ GPT2_TOKENIZER = Path(os.environ.get("PREFOPT_BENCH_TOKENIZER", "/work/shared/da
 VOCAB = 50257
 SHAPES = {"tldr": (384, 48), "balanced": (128, 128)}  # prompt, response tokens
 SYSTEMS = ("prefopt", "prefopt_precompute", "trl", "trl_precompute")
+GPU_SECTION = "## GPU check"  # docs/benchmarks.md from this heading on is kept when the table is rewritten
 
 
 # ------------------------------------------------------------------------------------------------
@@ -451,7 +452,11 @@ def finish(results, args, lengths, peak, peaks=()) -> None:
     report = render(rows, args, peak, n_pairs, peaks)
     print(report)
     if not args.quick:
-        Path(args.output).write_text(report, encoding="utf-8")
+        output = Path(args.output)
+        # The GPU check's section (benchmarks/gpu_check.py) is not this benchmark's: keep it.
+        old = output.read_text(encoding="utf-8") if output.exists() else ""
+        kept = old[old.index(GPU_SECTION):] if GPU_SECTION in old else ""
+        output.write_text(report + ("\n" + kept if kept else ""), encoding="utf-8")
         print(f"wrote {args.output}")
 
 

@@ -238,6 +238,13 @@ class TrainConfig:
     merge_adapter_on_save: bool = opt(
         False, "With use_peft: also write the merged model (base + adapter) to OUTPUT_DIR/merged.", group="scale"
     )
+    # --- attention backend (GPU: FlexAttention's block masks for the shared layouts) ---
+    attn_implementation: str = opt(
+        "auto", "Attention kernel of the policy and reference loaded from a path: auto (transformers' default, "
+        "sdpa), sdpa, eager, flex_attention (GPU: block masks that skip what prefix sharing and packing mask "
+        "out), flash_attention_2/3 (plain layout only). layout: auto takes it into account.",
+        choices=("auto", "sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3"), group="attention",
+    )
 
     def validate(self, *, require_paths: bool = True) -> TrainConfig:
         """Check every key and their combinations; ``ConfigError`` names the key. With
@@ -279,6 +286,10 @@ class TrainConfig:
         if not (math.isfinite(self.margin_scale) and self.margin_scale >= 0):
             raise ConfigError(f"margin_scale must be >= 0, got {self.margin_scale}")
         return self
+
+    def attention_kwargs(self) -> dict[str, str]:
+        """``from_pretrained`` keywords for ``attn_implementation`` (none for auto: transformers' default)."""
+        return {} if self.attn_implementation == "auto" else {"attn_implementation": self.attn_implementation}
 
     def loss_options(self) -> LossOptions:
         """The validated loss options these keys describe (built once per run, held by the objective)."""

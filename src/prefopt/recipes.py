@@ -139,6 +139,9 @@ def build_models(cfg: TrainConfig, accelerator, options: LossOptions | None = No
     if quant is not None:
         extra = {"quantization_config": quant, "device_map": {"": accelerator.local_process_index}}
 
+    attn = cfg.attention_kwargs()  # the policy and a loaded reference: the same attention kernel
+    extra.update(attn)
+
     def load(name_or_path: str, **kwargs):
         return load_causal_lm(name_or_path, disable_dropout_=cfg.disable_dropout, dtype=dtype,
                               fused_activations=cfg.fused_activations, **kwargs)
@@ -153,13 +156,13 @@ def build_models(cfg: TrainConfig, accelerator, options: LossOptions | None = No
     elif ref_model is not None:
         reference = LiveReference(prepare_reference(freeze(given(ref_model)), accelerator))
     elif cfg.ref_model_name_or_path:
-        reference = LiveReference(prepare_reference(load(cfg.ref_model_name_or_path), accelerator))
+        reference = LiveReference(prepare_reference(load(cfg.ref_model_name_or_path, **attn), accelerator))
     elif cfg.use_peft:
         reference = None  # set below, once the adapter exists
     elif engine_of(accelerator) == "deepspeed" and model is None:
         # A deepcopy of a DeepSpeed-loaded policy shares its ZeRO bookkeeping (under ZeRO-3 the
         # reference forward then finds `NOT_AVAILABLE` parameters): load a second copy instead.
-        reference = LiveReference(prepare_reference(load(cfg.model_name_or_path), accelerator))
+        reference = LiveReference(prepare_reference(load(cfg.model_name_or_path, **attn), accelerator))
     else:
         reference = LiveReference(prepare_reference(frozen_copy(policy), accelerator))
     _enable_gradient_checkpointing(cfg, policy)
@@ -203,7 +206,7 @@ def train(cfg: TrainConfig, *, model=None, tokenizer=None, ref_model=None, train
     policy, reference = build_models(cfg, accelerator, options, live_reference=not precompute, model=model,
                                      ref_model=ref_model)
     collator = model_collator(cfg.layout, train_pairs, cfg.per_device_train_batch_size, policy,
-                              tokenizer.pad_token_id, cfg.pack_row_tokens)
+                              tokenizer.pad_token_id, cfg.pack_row_tokens, device_type=accelerator.device.type)
     if precompute:
         reference, eval_pairs = cached_reference(cfg, policy, train_pairs, eval_pairs, collator, accelerator,
                                                  ref_model=ref_model, per_token=options.reference_per_token)
@@ -278,10 +281,12 @@ def logps(cfg: TrainConfig, output: str, batch_size: int = 8) -> int:
     tokenizer = load_tokenizer(cfg.tokenizer_name_or_path or cfg.model_name_or_path)
     pairs, summary = prepare_dataset(cfg, cfg.dataset, cfg.dataset_split, tokenizer)
     print(f"prefopt: {summary_line('logps', summary)}", file=sys.stderr)
-    model = load_causal_lm(cfg.model_name_or_path, disable_dropout_=True, fused_activations=cfg.fused_activations)
+    model = load_causal_lm(cfg.model_name_or_path, disable_dropout_=True, fused_activations=cfg.fused_activations,
+                           **cfg.attention_kwargs())
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
-    collator = model_collator(cfg.layout, pairs, batch_size, model, tokenizer.pad_token_id, cfg.pack_row_tokens)
+    collator = model_collator(cfg.layout, pairs, batch_size, model, tokenizer.pad_token_id, cfg.pack_row_tokens,
+                              device_type=device.type)
     rows = score_pairs(model, pairs, collator, batch_size=batch_size, device=device)
     write_jsonl_atomic(output, rows)
     print(f"prefopt: wrote {len(rows)} pairs to {output}", file=sys.stderr)

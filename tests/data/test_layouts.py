@@ -10,7 +10,15 @@ import torch
 
 from prefopt.config import TrainConfig
 from prefopt.data.collate import PaddedPairCollator
-from prefopt.data.layouts import PackedCollator, PrefixSharedCollator, choose_layout, make_collator
+from prefopt.data.layouts import (
+    DEFAULT_RULE,
+    LAYOUT_RULES,
+    PackedCollator,
+    PrefixSharedCollator,
+    choose_layout,
+    estimate_costs,
+    make_collator,
+)
 from prefopt.data.tokenize import TokenizedPair
 from prefopt.errors import ConfigError
 from prefopt.modeling.attention import model_layout
@@ -226,6 +234,53 @@ def test_auto_layout_choice():
     assert isinstance(make_collator("packed", 0), PackedCollator)
 
 
+def _same_pairs(n_prompt: int, n_response: int, n: int = 4) -> list[TokenizedPair]:
+    return [TokenizedPair([4] * n_prompt, [5] * n_response, [6] * n_response, None, None, i) for i in range(n)]
+
+
+def test_auto_layout_on_cuda_with_sdpa_needs_a_larger_saving():
+    """H=256, prompt 30, responses 60: plain is 2 rows of 90 tokens, 2(24·H²·90 + 4H·90²) = 299.7M;
+    prefix sharing one row of 150, 24·H²·150 + 4H·150² = 259.0M: 13.6% cheaper. Enough on CPU (5%),
+    not on CUDA with SDPA, whose 4D mask costs the flash kernel (15%)."""
+    pairs = _same_pairs(30, 60)
+    costs = estimate_costs(pairs, 4, 256)
+    assert costs["plain"] / 4 == 2 * (24 * 256**2 * 90 + 4 * 256 * 90**2)
+    assert costs["prefix_shared"] / 4 == 24 * 256**2 * 150 + 4 * 256 * 150**2
+    assert choose_layout("auto", pairs, 4, attn_impl="sdpa", hidden_size=256, device_type="cpu") == "prefix_shared"
+    assert choose_layout("auto", pairs, 4, attn_impl="sdpa", hidden_size=256, device_type="cuda") == "plain"
+    assert LAYOUT_RULES[("cuda", "sdpa")].min_saving == 0.15
+
+
+def test_auto_layout_on_cuda_with_flex_costs_only_the_allowed_pairs():
+    """H=64, prompt 100, responses 300: computing every pair of a row (CPU), the shared row of 700
+    costs more than two plain rows of 400; FlexAttention skips the masked blocks, so the shared row
+    costs its allowed pairs (causal 400 + causal 300 + 300·100) and is 9% cheaper than plain's two
+    causal rows."""
+    pairs = _same_pairs(100, 300)
+    dense, allowed = estimate_costs(pairs, 4, 64), estimate_costs(pairs, 4, 64, attention="allowed")
+    assert dense["prefix_shared"] > dense["plain"]
+    causal = lambda n: n * (n + 1) // 2  # noqa: E731
+    assert allowed["plain"] / 4 == 2 * (24 * 64**2 * 400 + 4 * 64 * causal(400))
+    assert allowed["prefix_shared"] / 4 == 24 * 64**2 * 700 + 4 * 64 * (causal(400) + causal(300) + 300 * 100)
+    assert allowed["prefix_shared"] < 0.95 * allowed["plain"]
+    for device in ("cpu", "cuda"):
+        assert choose_layout("auto", pairs, 4, attn_impl="sdpa", hidden_size=64, device_type=device) == "plain"
+    assert choose_layout("auto", pairs, 4, attn_impl="flex_attention", hidden_size=64,
+                         device_type="cuda") == "prefix_shared"
+    # A device without a rule of its own gets the CPU cost model; explicit layouts are never second-guessed.
+    assert (DEFAULT_RULE.attention, DEFAULT_RULE.min_saving) == ("dense", 0.05)
+    assert choose_layout("auto", pairs, 4, attn_impl="flex_attention", hidden_size=64, device_type="mps") == "plain"
+    assert choose_layout("packed", pairs, 4, attn_impl="sdpa", device_type="cuda") == "packed"
+
+
+def test_model_layout_reads_the_device_of_the_model():
+    pairs = _same_pairs(30, 60)
+    model = make_model("llama")
+    model.config.hidden_size = 256  # the cost model's H (the weights are not used)
+    assert model_layout("auto", pairs, 4, model) == "prefix_shared"  # its parameters are on the CPU
+    assert model_layout("auto", pairs, 4, model, device_type="cuda") == "plain"  # e.g. before placement
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="FlexAttention's backward needs a GPU")
 def test_flex_attention_matches_plain_on_gpu():
     model = make_model("llama", attn="flex_attention").cuda()
@@ -237,3 +292,26 @@ def test_flex_attention_matches_plain_on_gpu():
     got, _ = response_logps(model, to_device(PrefixSharedCollator(0)(pairs), "cuda"))
     got.sum().backward()
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_attn_implementation_loads_policy_and_reference_with_it(tiny_llama, easy_data):
+    from accelerate.utils import DistributedType
+
+    from prefopt.recipes import build_models
+
+    class OneProcess:  # the Accelerator attributes build_models reads, without creating one
+        mixed_precision, local_process_index, num_processes = "no", 0, 1
+        device = torch.device("cpu")
+        distributed_type = DistributedType.NO
+
+    for attn, want in (("auto", "sdpa"), ("eager", "eager")):
+        cfg = TrainConfig(model_name_or_path=str(tiny_llama), dataset=str(easy_data["train"]), attn_implementation=attn,
+                          ref_model_name_or_path=str(tiny_llama))
+        assert cfg.attention_kwargs() == ({} if attn == "auto" else {"attn_implementation": attn})
+        policy, reference = build_models(cfg, OneProcess())
+        assert policy.config._attn_implementation == want
+        assert reference.model.config._attn_implementation == want
+    from prefopt.config import build_config
+
+    with pytest.raises(ConfigError, match="'attn_implementation' must be one of auto, sdpa"):
+        build_config(TrainConfig, overrides={"attn_implementation": "flash"})

@@ -18,6 +18,7 @@ several pairs into each row, first-fit decreasing, so the rows carry (almost) no
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
 
 import torch
 
@@ -135,44 +136,102 @@ LAYOUTS = ("plain", "prefix_shared", "packed")
 MASKABLE_ATTENTION = ("sdpa", "eager", "flex_attention")
 
 
-def _row_cost(length: int, hidden: int) -> float:
-    """FLOPs (up to a constant) of one row of ``length`` tokens with a dense mask: the linear layers
-    grow like ``24·H²·L`` and attention like ``4·H·L²`` (it is computed for masked pairs too)."""
-    return 24.0 * hidden * hidden * length + 4.0 * hidden * length * length
+@dataclass(frozen=True)
+class LayoutRule:
+    """How ``layout: auto`` costs a batch for one (device, attention implementation).
+
+    ``attention``: ``"dense"`` when the kernel computes every (query, key) pair of a row whatever
+    the mask says (so a shared row pays for its masked quarter and its padding), ``"allowed"`` when
+    it skips fully masked blocks (FlexAttention's block mask), so a row costs about the pairs its
+    mask allows. ``min_saving``: how much cheaper than a simpler layout a layout must be estimated
+    to be chosen. ``why``: the evidence, shown in docs/performance.md."""
+
+    attention: str
+    min_saving: float
+    why: str
+
+
+# The policy of ``layout: auto``, one row per (device type, attention implementation); anything
+# not listed gets DEFAULT_RULE. The CPU rows are measured (docs/benchmarks.md); the CUDA rows are
+# reasoned, not yet measured: benchmarks/gpu_check.py measures every layout x backend on a GPU, and
+# these rows are to be set from its table (docs/performance.md, "layout: auto on a GPU").
+LAYOUT_RULES: dict[tuple[str, str], LayoutRule] = {
+    ("cpu", "sdpa"): LayoutRule("dense", 0.05, "measured on CPU: SDPA's CPU kernel takes the bool mask at full "
+                                "speed and computes every pair, masked or not"),
+    ("cpu", "eager"): LayoutRule("dense", 0.05, "eager attention computes every pair"),
+    ("cuda", "flex_attention"): LayoutRule("allowed", 0.05, "FlexAttention's block mask skips fully masked "
+                                           "blocks: a shared or packed row costs the pairs it needs"),
+    ("cuda", "sdpa"): LayoutRule("dense", 0.15, "a 4D mask keeps SDPA off its flash kernel (the memory-efficient "
+                                 "kernel computes every pair); unmeasured, so a shared layout must save 15%"),
+    ("cuda", "eager"): LayoutRule("dense", 0.05, "eager attention computes every pair"),
+}
+DEFAULT_RULE = LayoutRule("dense", 0.05, "no rule for this device: the CPU cost model")
+
+
+def layout_rule(device_type: str, attn_impl: str) -> LayoutRule:
+    return LAYOUT_RULES.get((device_type, attn_impl), DEFAULT_RULE)
+
+
+def _causal(n: int) -> int:
+    return n * (n + 1) // 2
+
+
+def _row_cost(length: int, hidden: int, pairs: int | None = None) -> float:
+    """FLOPs (up to a constant) of one row of ``length`` tokens: the linear layers grow like
+    ``24·H²·L`` and attention like ``4·H`` per computed (query, key) pair: ``L²`` with a dense
+    kernel, or ``pairs`` (those the mask allows) with a block-sparse one."""
+    computed = length * length if pairs is None else pairs
+    return 24.0 * hidden * hidden * length + 4.0 * hidden * computed
+
+
+def _segment_pairs(pair: TokenizedPair) -> int:
+    """(query, key) pairs a prefix-shared segment's mask allows: prompt and chosen causally, the
+    rejected branch causally and to the whole prompt."""
+    n_p, n_c, n_r = len(pair.prompt_ids), len(pair.chosen_ids), len(pair.rejected_ids)
+    return _causal(n_p + n_c) + _causal(n_r) + n_r * n_p
 
 
 def estimate_costs(pairs: list[TokenizedPair], batch_size: int, hidden: int, *, samples: int = 64,
-                   seed: int = 0, row_tokens: int = 0) -> dict[str, float]:
-    """Mean estimated cost of one batch in each layout, over random batches of the data."""
+                   seed: int = 0, row_tokens: int = 0, attention: str = "dense") -> dict[str, float]:
+    """Mean estimated cost of one batch in each layout, over random batches of the data.
+    ``attention``: ``"dense"`` or ``"allowed"`` (see ``LayoutRule``)."""
 
+    sparse = attention == "allowed"
     rng = random.Random(seed)
     costs = dict.fromkeys(LAYOUTS, 0.0)
     n = len(pairs)
     for _ in range(samples):
         batch = [pairs[rng.randrange(n)] for _ in range(min(batch_size, n))]
-        plain_width = max(len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)) for p in batch)
-        costs["plain"] += 2 * len(batch) * _row_cost(plain_width, hidden)
-        lengths = sorted((segment_length(p) for p in batch), reverse=True)
-        costs["prefix_shared"] += len(batch) * _row_cost(lengths[0], hidden)
+        plain_rows = [len(p.prompt_ids) + len(r) for p in batch for r in (p.chosen_ids, p.rejected_ids)]
+        plain_width = max(plain_rows)
+        costs["plain"] += sum(_row_cost(plain_width, hidden, _causal(r) if sparse else None) for r in plain_rows)
+        by_length = sorted(batch, key=segment_length, reverse=True)
+        lengths = [segment_length(p) for p in by_length]
+        costs["prefix_shared"] += sum(_row_cost(lengths[0], hidden, _segment_pairs(p) if sparse else None)
+                                      for p in by_length)
         capacity = max(row_tokens, lengths[0])
         room: list[int] = []
-        for length in lengths:
+        allowed: list[int] = []
+        for p, length in zip(by_length, lengths):
             for r, free in enumerate(room):
                 if length <= free:
                     room[r] -= length
+                    allowed[r] += _segment_pairs(p)
                     break
             else:
                 room.append(capacity - length)
-        costs["packed"] += len(room) * _row_cost(capacity, hidden)
+                allowed.append(_segment_pairs(p))
+        costs["packed"] += sum(_row_cost(capacity, hidden, a if sparse else None) for a in allowed)
     return {k: v / samples for k, v in costs.items()}
 
 
 def choose_layout(requested: str, pairs: list[TokenizedPair], batch_size: int, *, attn_impl: str = "sdpa",
-                  hidden_size: int = 1024, row_tokens: int = 0) -> str:
-    """``requested`` itself, or for ``auto`` the layout with the lowest estimated cost (a layout
-    must save at least 5% over a simpler one to be chosen). Models whose attention implementation
-    (``attn_impl``) cannot take a custom 4D mask always get ``plain``. ``hidden_size`` is the
-    model's, for the cost model (``modeling.attention.model_layout`` reads both from a model)."""
+                  hidden_size: int = 1024, row_tokens: int = 0, device_type: str = "cpu") -> str:
+    """``requested`` itself, or for ``auto`` the layout with the lowest estimated cost under the
+    rule for ``device_type`` and ``attn_impl`` (``LAYOUT_RULES``: how attention is costed, and how
+    much a layout must save over a simpler one to be chosen). Models whose attention implementation
+    cannot take a custom 4D mask always get ``plain``. ``hidden_size`` is the model's, for the cost
+    model (``modeling.attention.model_layout`` reads these from a model)."""
     impl = attn_impl
     if requested != "auto":
         if requested not in LAYOUTS:
@@ -185,10 +244,11 @@ def choose_layout(requested: str, pairs: list[TokenizedPair], batch_size: int, *
         return requested
     if impl not in MASKABLE_ATTENTION or not pairs:
         return "plain"
-    costs = estimate_costs(pairs, batch_size, int(hidden_size), row_tokens=row_tokens)
+    rule = layout_rule(device_type, impl)
+    costs = estimate_costs(pairs, batch_size, int(hidden_size), row_tokens=row_tokens, attention=rule.attention)
     best = "plain"
     for layout in LAYOUTS[1:]:
-        if costs[layout] < 0.95 * costs[best]:
+        if costs[layout] < (1.0 - rule.min_saving) * costs[best]:
             best = layout
     return best
 

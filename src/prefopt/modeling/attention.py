@@ -59,14 +59,26 @@ def flex_block_mask(mask: Tensor):
     return create_block_mask(mask_mod, B=n_rows, H=None, Q_LEN=length, KV_LEN=length, device=mask.device)
 
 
-def model_layout(requested: str, pairs, batch_size: int, model, row_tokens: int = 0) -> str:
-    """``data.layouts.choose_layout`` for ``model``: its attention implementation and hidden size."""
+def model_device_type(model) -> str:
+    """Where ``model``'s parameters are (``cpu`` for a model without any)."""
+    try:
+        return next(model.parameters()).device.type
+    except (AttributeError, StopIteration, TypeError):
+        return "cpu"
+
+
+def model_layout(requested: str, pairs, batch_size: int, model, row_tokens: int = 0,
+                 device_type: str | None = None) -> str:
+    """``data.layouts.choose_layout`` for ``model``: its attention implementation and hidden size,
+    on ``device_type`` (the device training runs on; default: where the model's parameters are)."""
     config = getattr(model, "config", None)
     hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd", None) or 1024
     return choose_layout(requested, pairs, batch_size, attn_impl=attn_implementation(model), hidden_size=int(hidden),
-                         row_tokens=row_tokens)
+                         row_tokens=row_tokens, device_type=device_type or model_device_type(model))
 
 
-def model_collator(requested: str, pairs, batch_size: int, model, pad_token_id: int, row_tokens: int = 0):
+def model_collator(requested: str, pairs, batch_size: int, model, pad_token_id: int, row_tokens: int = 0,
+                   device_type: str | None = None):
     """The collator of the layout ``model_layout`` picks."""
-    return make_collator(model_layout(requested, pairs, batch_size, model, row_tokens), pad_token_id, row_tokens)
+    layout = model_layout(requested, pairs, batch_size, model, row_tokens, device_type)
+    return make_collator(layout, pad_token_id, row_tokens)

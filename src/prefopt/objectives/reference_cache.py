@@ -224,7 +224,7 @@ def cached_reference(cfg, policy, train_pairs: list[TokenizedPair], eval_pairs: 
             return freeze(ref_model)
         if cfg.ref_model_name_or_path:
             return freeze(load_causal_lm(cfg.ref_model_name_or_path, disable_dropout_=cfg.disable_dropout,
-                                         fused_activations=cfg.fused_activations))
+                                         fused_activations=cfg.fused_activations, **cfg.attention_kwargs()))
         # The reference is the initial policy, and training has not started: score with the policy
         # itself (eval mode, no gradients) instead of holding a copy.
         return policy
