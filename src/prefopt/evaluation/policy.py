@@ -222,7 +222,8 @@ def preference_accuracy(policy, ref, pairs_file: str | list[TokenizedPair], toke
     device = device or next(policy.parameters()).device
     # Training's `layout: auto` (a long prompt runs once for both responses): the same log-probs as
     # the plain padded layout, at a fraction of the cost on long-prompt data such as TL;DR.
-    collator = model_collator("auto", pairs, batch_size, policy, tokenizer.pad_token_id)
+    collator = model_collator("auto", pairs, batch_size, policy, tokenizer.pad_token_id,
+                              device_type=torch.device(device).type)
     if ref_rows is None:
         ref_rows = reference_pair_logps(ref, ref_path, pairs, collator, batch_size=batch_size, device=device,
                                         progress=progress)[0]
@@ -407,7 +408,8 @@ def run_eval(models: list[str], ref: str, *, prompts: str, scorer: str, num_samp
     ref_pair_rows = None
     if pair_list is not None:
         ref_pair_rows, cached = reference_pair_logps(
-            ref_model, ref, pair_list, model_collator("auto", pair_list, batch_size, ref_model, tokenizer.pad_token_id),
+            ref_model, ref, pair_list, model_collator("auto", pair_list, batch_size, ref_model, tokenizer.pad_token_id,
+                                                      device_type=device.type),
             batch_size=batch_size, device=device, progress=progress)
         if cached:
             print(f"prefopt: reference log-probs of the {len(pair_list)} pairs reused from the cache",
