@@ -14,7 +14,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "prefopt"
 
 # Lowest first. Modules of one layer may import each other (the module graph must still be acyclic).
 LAYERS = [
-    {"errors", "io", "memory", "toy", "losses"},
+    {"errors", "io", "digest", "memory", "toy", "losses"},
     {"config", "data"},
     {"modeling"},
     {"training", "objectives"},

@@ -215,6 +215,12 @@ class TrainConfig:
         group="reward model",
     )
     margin_scale: float = opt(1.0, "Reward model: factor on the score difference in the margin.", group="reward model")
+    # --- verified results: what a resumed run checks besides the checkpoint's checksums ---
+    ignore_data_change: bool = opt(
+        False, "Resume even when the tokenized training data differs from the data the checkpoint was trained "
+        "on (by default such a resume is refused: the result would not be the run it continues).",
+        group="verification",
+    )
     # --- scale-out: precision, memory savers, LoRA/QLoRA ---
     bf16: bool = opt(False, "bf16 mixed precision (autocast through Accelerate).", group="scale")
     fp16: bool = opt(False, "fp16 mixed precision with dynamic loss scaling (GPU only).", group="scale")

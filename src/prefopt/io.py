@@ -8,6 +8,7 @@ the target. A crash or a full disk never leaves half a file under the final name
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 from collections.abc import Iterable, Iterator
@@ -19,6 +20,8 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path to write; on success it is fsynced and renamed to ``path``, on an
     exception it is removed and ``path`` is untouched."""
     path = Path(path)
+    if path.is_dir():  # os.replace would fail only after the whole file was written
+        raise IsADirectoryError(errno.EISDIR, "is a directory, not a file", str(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:

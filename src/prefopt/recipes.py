@@ -41,7 +41,13 @@ from prefopt.objectives.reward import RewardObjective, check_margin_scores
 from prefopt.training.checkpoint import restore
 from prefopt.training.distributed import build_accelerator, engine_of, load_dtype, prepare_reference
 from prefopt.training.metrics import resolve_trackers, run_summary
-from prefopt.training.preflight import RunPlan, check_model_paths, plan_run, prepare_output_dir
+from prefopt.training.preflight import (
+    RunPlan,
+    check_model_paths,
+    check_resume_data,
+    plan_run,
+    prepare_output_dir,
+)
 from prefopt.training.trainer import Trainer
 
 # ------------------------------------------------------------------------------------------------
@@ -199,6 +205,7 @@ def train(cfg: TrainConfig, *, model=None, tokenizer=None, ref_model=None, train
     options = cfg.loss_options()
     train_pairs, eval_pairs, summaries = prepare_train_eval(cfg, tokenizer, train_data=train_dataset,
                                                             eval_data=eval_dataset)
+    check_resume_data(cfg, plan, train_pairs)
     print_summaries(summaries, accelerator)
 
     # A precomputed reference replaces the live one: no second model is held for it.
@@ -243,6 +250,7 @@ def train_reward_model(cfg: TrainConfig, *, model=None, tokenizer=None, train_da
     # ODPO's score policy does not apply: a reward model learns from every labelled pair.
     train_pairs, eval_pairs, summaries = prepare_train_eval(cfg, tokenizer, train_data=train_dataset,
                                                             eval_data=eval_dataset, score_policy=False)
+    check_resume_data(cfg, plan, train_pairs)
     negative = check_margin_scores(train_pairs, cfg, summaries["train"]["source"])
     if eval_pairs is not None:
         check_margin_scores(eval_pairs, cfg, summaries["eval"]["source"])
@@ -273,11 +281,24 @@ def train_reward_model(cfg: TrainConfig, *, model=None, tokenizer=None, train_da
     return final
 
 
+def check_output_file(output: str | Path) -> None:
+    """``--output`` names a file to write: not a directory, and in a directory that exists or can be made."""
+    path = Path(output)
+    if path.is_dir():
+        raise ConfigError(f"--output {path} is a directory; give a file name")
+    parent = next((p for p in path.absolute().parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise ConfigError(f"--output {path}: {parent} is not a directory")
+
+
 def logps(cfg: TrainConfig, output: str, batch_size: int = 8) -> int:
     """``prefopt logps``: per-pair log-probs of ``cfg.model_name_or_path`` with training's
     tokenization; also stored as the reference log-prob cache entry ``train`` would look up."""
     if not cfg.model_name_or_path or not cfg.dataset:
         raise ConfigError("prefopt logps needs --model and --dataset")
+    if batch_size < 1:
+        raise ConfigError(f"--batch_size must be at least 1, got {batch_size}")
+    check_output_file(output)
     tokenizer = load_tokenizer(cfg.tokenizer_name_or_path or cfg.model_name_or_path)
     pairs, summary = prepare_dataset(cfg, cfg.dataset, cfg.dataset_split, tokenizer)
     print(f"prefopt: {summary_line('logps', summary)}", file=sys.stderr)

@@ -85,10 +85,12 @@ def test_load_scorer_dispatch_and_errors():
     for bad in ("prefopt.demo.world", "no_such_module_xyz:f", "prefopt.demo.world:nope", "prefopt.demo.world:SCORE_SCALE"):
         with pytest.raises(PrefoptError):
             load_scorer(bad)
-    # Callables that are not scorers: wrong number of scores, non-numbers.
+    # Callables that are not scorers: a string instead of a list, wrong number of scores, non-numbers.
+    with pytest.raises(PrefoptError, match="returned str 'a', expected a list of 2 numbers"):
+        load_scorer("os.path:commonprefix")(["ab", "ac"])  # -> "a"
     with pytest.raises(PrefoptError, match="1 scores for 2 texts"):
-        load_scorer("os.path:commonprefix")(["ab", "ac"])  # -> "a" -> one "score"
-    with pytest.raises(PrefoptError, match="non-number"):
+        load_scorer("builtins:set")(["x", "x"])  # -> {"x"}
+    with pytest.raises(PrefoptError, match="returned str 'x' for text 0, expected a number"):
         load_scorer("builtins:sorted")(["x"])
 
 

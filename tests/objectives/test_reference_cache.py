@@ -4,6 +4,7 @@ by a second run, invalidated by a change, and equal to the live reference."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 
@@ -129,8 +130,17 @@ def test_cache_key_depends_on_tokens_and_model(tiny_llama, tmp_path):
     assert cache_key(before, pairs) != cache_key(before, pairs[:1])
     weights = next(model.glob("*.safetensors"))
     st = weights.stat()
-    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))  # re-saved weights
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))  # touched, same content: same key
+    assert model_fingerprint(str(model)) == before
+    # Changed weights with the same size and modification time (one byte in the middle of the
+    # tensors, far from both ends): a different key.
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    weights.write_bytes(bytes(data))
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert weights.stat().st_size == st.st_size and weights.stat().st_mtime_ns == st.st_mtime_ns
     assert model_fingerprint(str(model)) != before
+    before = model_fingerprint(str(model))
     config = model / "config.json"
     config.write_text(config.read_text().replace('"rms_norm_eps": 1e-06', '"rms_norm_eps": 1e-05'))
     assert model_fingerprint(str(model)) != before
@@ -151,3 +161,75 @@ def test_cached_reference_looks_up_by_pair_index_and_damaged_files_are_misses(tm
     assert cache.load("k")["index"].tolist() == [0, 2, 5]
     cache.path("k").write_bytes(b"not a torch file")
     assert cache.load("k") is None
+
+
+@pytest.mark.slow
+def test_a_tampered_table_is_named_and_recomputed(tiny_llama, tmp_path, capsys):
+    data = {"train": write_jsonl(tmp_path / "train.jsonl", easy_preferences(16, seed=3)),
+            "eval": write_jsonl(tmp_path / "eval.jsonl", easy_preferences(8, seed=4))}
+    cache = tmp_path / "cache"
+    first = run_train(tiny_llama, data, cache, tmp_path / "a", precompute_ref_log_probs=True)
+    assert first[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)  # policy == reference at step 1
+    capsys.readouterr()
+    (train_entry,) = [p for p in cache.glob("*.pt") if torch.load(p, weights_only=True)["index"].numel() == 16]
+    table = torch.load(train_entry, weights_only=True)
+    table["chosen_logps"] = table["chosen_logps"] + 5.0  # edited values, the stored checksum kept
+    torch.save(table, train_entry)
+    second = run_train(tiny_llama, data, cache, tmp_path / "b", precompute_ref_log_probs=True)
+    err = capsys.readouterr().err
+    assert (f"prefopt: warning: reference log-prob cache entry {train_entry} is damaged (its checksum does not "
+            "match its contents); recomputing it") in err
+    assert "partly reused (1 cached, 1 computed)" in err
+    # Used as found, the edited table gave a step-1 loss of about 5 instead of log 2.
+    assert second[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert ReferenceCache(cache).load(train_entry.stem) is not None  # rewritten intact
+
+
+def test_a_table_under_another_key_or_with_edited_values_is_a_miss(tmp_path, capsys):
+    cache = ReferenceCache(tmp_path)
+    table = table_from_rows([{"index": i, "chosen_logps": -1.0 - i, "rejected_logps": -2.0} for i in range(3)])
+    cache.save("k1", table)
+    assert cache.load("k1")["chosen_logps"].tolist() == [-1.0, -2.0, -3.0]
+    shutil.copy(cache.path("k1"), cache.path("k2"))  # a valid table, filed under the wrong key
+    assert cache.load("k2") is None
+    assert "cache entry" in capsys.readouterr().err
+    stored = torch.load(cache.path("k1"), weights_only=True)
+    stored["rejected_logps"][1] = -2.5
+    torch.save(stored, cache.path("k1"))
+    assert cache.load("k1", warn=False) is None
+    assert capsys.readouterr().err == ""
+
+
+def test_changed_weights_with_the_same_size_and_mtime_are_a_miss(tiny_llama, tmp_path):
+    from accelerate import Accelerator
+
+    from prefopt.data.collate import PaddedPairCollator
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_llama, model)
+    pairs = [pair(0), pair(1)]
+    cache = ReferenceCache(tmp_path / "cache")
+    cfg = TrainConfig(per_device_eval_batch_size=2, progress_bar=False)
+    fake = table_from_rows([{"index": i, "chosen_logps": -1.0, "rejected_logps": -2.0} for i in (0, 1)])
+    cache.save(cache_key(model_fingerprint(str(model)), pairs), fake)
+    calls = []
+    tables, stats = precompute(cfg, [pairs], lambda: calls.append(1), PaddedPairCollator(0), Accelerator(cpu=True),
+                               cache, str(model))
+    assert stats["hits"] == 1 and not calls
+    weights = model / "model.safetensors"
+    st = weights.stat()
+    raw = bytearray(weights.read_bytes())
+    raw[len(raw) // 2] ^= 0x04
+    weights.write_bytes(bytes(raw))
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns))
+    from transformers import AutoModelForCausalLM
+
+    loaded = []
+
+    def load():
+        loaded.append(1)
+        return AutoModelForCausalLM.from_pretrained(model)
+
+    tables, stats = precompute(cfg, [pairs], load, PaddedPairCollator(0), Accelerator(cpu=True), cache, str(model))
+    assert stats["misses"] == 1 and loaded == [1]
+    assert tables[0]["chosen_logps"].tolist() != [-1.0, -1.0]  # computed by the model, not the stale entry

@@ -66,8 +66,10 @@ def _rewarder(args, unknown):
 def _score(args, unknown) -> int:
     from prefopt.data.writers import writer_for
     from prefopt.evaluation.rewarders import score_dataset
+    from prefopt.recipes import check_output_file
 
     writer_for(Path(args.output))  # a bad --output fails before any model loads
+    check_output_file(args.output)
     cfg, rewarder = _rewarder(args, unknown)
     s = score_dataset(cfg, rewarder, args.output)
     note = ""

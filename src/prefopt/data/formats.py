@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from prefopt.data.records import PreferencePair
-from prefopt.data.sources import RawRows, read_rows
+from prefopt.data.sources import RawRows, decode_list_cells, read_rows
 from prefopt.errors import DataError, PrefoptError
 
 FORMATS = ("explicit", "implicit", "conversational", "rated", "scored_responses")
@@ -87,6 +87,7 @@ def rows_to_pairs(
         fmt = detect_format(raw, columns)
     if fmt not in FORMATS:
         raise PrefoptError(f"unknown dataset_format {fmt!r}; choose auto or one of {', '.join(FORMATS)}")
+    raw = decode_list_cells(raw, list_columns(fmt, columns))
     stats = LoadStats(raw.source, fmt, rows_read=len(raw))
     reader = _RowReader(raw, columns, tokenizer, stats)
     pairs = {
@@ -100,6 +101,15 @@ def rows_to_pairs(
     if not pairs:
         raise DataError(raw.source, None, None, f"no preference pairs in the dataset ({_dropped_text(stats)})")
     return pairs, stats
+
+
+def list_columns(fmt: str, c: Columns) -> list[str]:
+    """The columns a format defines as lists (the only CSV cells decoded from JSON)."""
+    if fmt == "rated":
+        return [c.responses, c.scores, "rewards"]
+    if fmt == "conversational":
+        return [c.prompt, c.chosen, c.rejected]
+    return []
 
 
 def _dropped_text(stats: LoadStats) -> str:
@@ -150,6 +160,15 @@ class _RowReader:
             raise self.error(row_no, key, f"expected a string, got {_type_name(value)}")
         if not allow_empty and not value.strip():
             raise self.error(row_no, key, "is empty")
+        return self.unicode(row_no, key, value)
+
+    def unicode(self, row_no: int, key: str, value: str) -> str:
+        """Text a tokenizer can take: a lone UTF-16 surrogate (JSON's "\\ud800") is not a character."""
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise self.error(row_no, key, f"not valid Unicode text (a lone surrogate {value[e.start]!r} at "
+                                          f"character {e.start})") from None
         return value
 
     def number(self, row_no: int, value: Any, key: str) -> float:
@@ -227,10 +246,10 @@ class _RowReader:
                 if n == 0:
                     raise self.error(row_no, c.chosen, "chosen and rejected share no prompt messages")
                 prompt, chosen, rejected = chosen[:n], chosen[n:], rejected[n:]
-            prompt_text = tok.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+            prompt_text = self.render(row_no, c.prompt, prompt, add_generation_prompt=True)
             texts = []
             for key, completion in ((c.chosen, chosen), (c.rejected, rejected)):
-                full = tok.apply_chat_template(prompt + completion, tokenize=False)
+                full = self.render(row_no, key, prompt + completion)
                 if not full.startswith(prompt_text):
                     raise self.error(row_no, key, "the chat template does not render the prompt as a prefix")
                 texts.append(full[len(prompt_text):])
@@ -242,6 +261,16 @@ class _RowReader:
             ))
         return out
 
+    def render(self, row_no: int, key: str, messages: list[dict[str, str]], **kwargs) -> str:
+        """The tokenizer's chat template applied to ``messages``; a template that raises (a Jinja
+        error, ``raise_exception`` on a role order it refuses) names the row."""
+        try:
+            return self.tokenizer.apply_chat_template(messages, tokenize=False, **kwargs)
+        except Exception as e:  # jinja2 errors and whatever the template raises
+            text = str(e).strip().splitlines()
+            raise self.error(row_no, key, f"the chat template failed: {type(e).__name__}: "
+                                          f"{text[0] if text else '(no message)'}") from None
+
     def messages(self, row_no: int, row: dict, key: str) -> list[dict[str, str]]:
         value = self.get(row_no, row, key)
         if isinstance(value, str):
@@ -251,6 +280,10 @@ class _RowReader:
         for i, m in enumerate(value):
             if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
                 raise self.error(row_no, f"{key}[{i}]", "expected a message {'role': str, 'content': str}")
+            if not m["content"].strip():
+                raise self.error(row_no, f"{key}[{i}].content", "is empty")
+            self.unicode(row_no, f"{key}[{i}].content", m["content"])
+            self.unicode(row_no, f"{key}[{i}].role", m["role"])
         return [{"role": m["role"], "content": m["content"]} for m in value]
 
     def rated(self) -> list[PreferencePair]:
@@ -262,6 +295,8 @@ class _RowReader:
             scores = self.get(row_no, row, score_key)
             if not isinstance(responses, list) or not all(isinstance(r, str) for r in responses):
                 raise self.error(row_no, c.responses, "expected a list of strings")
+            for i, r in enumerate(responses):
+                self.unicode(row_no, f"{c.responses}[{i}]", r)
             if not isinstance(scores, list):
                 raise self.error(row_no, score_key, f"expected a list of numbers, got {_type_name(scores)}")
             if len(scores) != len(responses):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,8 @@ class RawRows:
     source: str  # the path or dataset id, as the user wrote it
     row_label: str  # "line" or "row"
     rows: list[tuple[int, dict[str, Any]]]  # (row number, row)
+    # CSV/TSV: every cell is text; a format decodes JSON lists only in the columns it defines as lists.
+    cells_are_text: bool = False
 
     def __iter__(self) -> Iterator[tuple[int, dict[str, Any]]]:
         return iter(self.rows)
@@ -31,6 +34,7 @@ class RawRows:
 
 
 IN_MEMORY = "<in-memory dataset>"
+TOO_DEEP = "malformed JSON (nested too deeply)"
 
 
 def read_rows(spec, split: str = "train") -> RawRows:
@@ -51,9 +55,20 @@ def read_rows(spec, split: str = "train") -> RawRows:
                 f"{spec}: unsupported file type {suffix or '(none)'}; use .jsonl, .json, .parquet or .csv"
             )
         return reader(spec, path)
+    if path.exists():  # neither a file nor a directory: a FIFO, a device, a socket
+        raise PrefoptError(f"{spec}: not a regular file ({_file_kind(path)}); give a data file or a dataset directory")
     if path.suffix or spec.startswith((".", "/", "~")):
         raise PrefoptError(f"dataset not found: {spec}")
     return _read_hub_dataset(spec, split)  # a hub id such as "org/name" (needs network)
+
+
+def _file_kind(path: Path) -> str:
+    mode = path.stat().st_mode
+    for test, name in ((stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return name
+    return "not a regular file"
 
 
 def _decode_lines(spec: str, path: Path) -> Iterator[tuple[int, str]]:
@@ -76,6 +91,8 @@ def _read_jsonl(spec: str, path: Path) -> RawRows:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
             raise DataError(spec, lineno, None, f"malformed JSON ({e.msg} at column {e.colno})", "line") from None
+        except RecursionError:
+            raise DataError(spec, lineno, None, TOO_DEEP, "line") from None
         if not isinstance(obj, dict):
             raise DataError(spec, lineno, None, f"expected a JSON object, got {type(obj).__name__}", "line")
         rows.append((lineno, obj))
@@ -91,6 +108,8 @@ def _read_json(spec: str, path: Path) -> RawRows:
         obj = json.loads(text)
     except json.JSONDecodeError as e:
         raise DataError(spec, e.lineno, None, f"malformed JSON ({e.msg} at column {e.colno})", "line") from None
+    except RecursionError:
+        raise DataError(spec, None, None, TOO_DEEP) from None
     if isinstance(obj, dict):
         if isinstance(obj.get("data"), list):
             obj = obj["data"]
@@ -127,22 +146,31 @@ def _read_csv(spec: str, path: Path) -> RawRows:
             missing = [k for k, v in row.items() if v is None]
             if missing:
                 raise DataError(spec, start, missing[0], "row has fewer values than the header", "line")
-            rows.append((start, {k: _csv_value(v) for k, v in row.items()}))
+            rows.append((start, dict(row)))
             start = end + 1
     except csv.Error as e:
         raise DataError(spec, reader.line_num, None, f"malformed CSV ({e})", "line") from None
-    return RawRows(spec, "line", rows)
+    return RawRows(spec, "line", rows, cells_are_text=True)
 
 
-def _csv_value(value: str) -> Any:
-    """CSV cells are strings; numbers stay strings here and are parsed where a number is expected.
-    A cell holding a JSON list (the rated format's `responses`/`scores`) is decoded."""
-    stripped = value.strip()
-    if stripped.startswith("[") and stripped.endswith("]"):
+def decode_list_cells(raw: RawRows, columns) -> RawRows:
+    """CSV/TSV rows with the cells of ``columns`` (the ones a format defines as lists, e.g. the rated
+    format's ``responses``/``scores``) decoded from JSON lists; every other cell stays text, so a
+    response that reads "[1, 2, 3]" is that string. Other sources are returned as they are."""
+    if not raw.cells_are_text:
+        return raw
+    wanted = set(columns)
+    rows = [(n, {k: _json_list(v) if k in wanted else v for k, v in row.items()}) for n, row in raw.rows]
+    return RawRows(raw.source, raw.row_label, rows, cells_are_text=True)
+
+
+def _json_list(value: Any) -> Any:
+    if isinstance(value, str) and value.strip().startswith("["):
         try:
-            return json.loads(stripped)
-        except json.JSONDecodeError:
-            return value
+            decoded = json.loads(value)
+        except (json.JSONDecodeError, RecursionError):
+            return value  # the format's own check names the row and field
+        return decoded if isinstance(decoded, list) else value
     return value
 
 

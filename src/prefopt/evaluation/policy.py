@@ -35,7 +35,7 @@ from prefopt.evaluation.plots import frontier_entries, plot_frontier
 from prefopt.evaluation.scorers import load_scorer
 from prefopt.io import write_text_atomic
 from prefopt.modeling.attention import model_collator
-from prefopt.modeling.load import load_causal_lm, load_tokenizer
+from prefopt.modeling.load import first_line, load_causal_lm, load_tokenizer, looks_local
 from prefopt.modeling.logprobs import pair_logps, score_pairs
 from prefopt.objectives.reference_cache import ReferenceCache, cache_key, model_fingerprint, table_from_rows
 
@@ -159,6 +159,8 @@ def win_rate(policy_scores: Sequence[float], ref_scores: Sequence[float]) -> flo
     index (ties count half)."""
     if len(policy_scores) != len(ref_scores) or not policy_scores:
         raise ValueError("win_rate needs two equally long, non-empty score lists")
+    if not all(math.isfinite(x) for x in (*policy_scores, *ref_scores)):
+        raise ValueError("win_rate needs finite scores (a NaN would silently count as a loss)")
     wins = sum(1.0 if p > r else 0.5 if p == r else 0.0 for p, r in zip(policy_scores, ref_scores))
     return wins / len(policy_scores)
 
@@ -346,7 +348,13 @@ def read_prompts(path: str) -> list[str]:
     if p.suffix.lower() == ".txt":
         if not p.is_file():
             raise PrefoptError(f"prompts file not found: {path}")
-        prompts = [line.strip() for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+        raw_bytes = p.read_bytes()
+        try:
+            text = raw_bytes.decode("utf-8")
+        except UnicodeDecodeError as e:
+            line = raw_bytes[: e.start].count(b"\n") + 1
+            raise DataError(path, line, None, f"not valid UTF-8 (byte {e.start})", "line") from None
+        prompts = [line.strip() for line in text.splitlines() if line.strip()]
     else:
         raw = read_rows(path)
         prompts = []
@@ -354,6 +362,11 @@ def read_prompts(path: str) -> list[str]:
             value = row.get("prompt")
             if not isinstance(value, str) or not value.strip():
                 raise DataError(raw.source, row_no, "prompt", "missing or not a non-empty string", raw.row_label)
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as e:  # a lone surrogate ("\ud800" in JSON): no tokenizer takes it
+                raise DataError(raw.source, row_no, "prompt", f"not valid Unicode text (a lone surrogate "
+                                f"{value[e.start]!r} at character {e.start})", raw.row_label) from None
             prompts.append(value)
     if not prompts:
         raise PrefoptError(f"{path}: no prompts")
@@ -378,6 +391,30 @@ def run_config(model_dir: str) -> dict[str, Any]:
     return out
 
 
+def check_model(path: str) -> None:
+    """A model directory (or hub id) whose config loads: checked before any sampling."""
+    from transformers import AutoConfig
+
+    if looks_local(path) and not Path(path).expanduser().exists():
+        raise PrefoptError(f"model path not found: {path}")
+    try:
+        AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise PrefoptError(f"cannot load a model from {path!r}: {first_line(e)}") from None
+
+
+def finite_json(value):
+    """``value`` with every non-finite float replaced by None (JSON has no NaN; e.g. ``kl_stderr``
+    of a single sample)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: finite_json(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite_json(v) for v in value]
+    return value
+
+
 def run_eval(models: list[str], ref: str, *, prompts: str, scorer: str, num_samples: int = 4,
              max_new_tokens: int = 64, output_dir: str = "eval", pairs: str | None = None,
              beta: float | None = None, batch_size: int = 32, seed: int = 0, max_prompts: int | None = None,
@@ -390,6 +427,11 @@ def run_eval(models: list[str], ref: str, *, prompts: str, scorer: str, num_samp
     for flag, value in (("--max_prompts", max_prompts), ("--max_pairs", max_pairs)):
         if value is not None and value < 1:
             raise PrefoptError(f"{flag} must be at least 1 (leave it out for all), got {value}")
+    out_dir = Path(output_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise PrefoptError(f"--output_dir {out_dir} exists and is not a directory")
+    for model_path in [*models, ref]:  # every model is checked before any result is written
+        check_model(model_path)
     score = load_scorer(scorer)
     prompt_list = read_prompts(prompts)
     total_prompts = len(prompt_list)
@@ -414,9 +456,7 @@ def run_eval(models: list[str], ref: str, *, prompts: str, scorer: str, num_samp
         if cached:
             print(f"prefopt: reference log-probs of the {len(pair_list)} pairs reused from the cache",
                   file=sys.stderr)
-    out_dir = Path(output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    results, written, names = [], [], set()
+    results, names = [], set()
     for model_path in models:
         info = run_config(model_path)
         model_beta = beta if beta is not None else info.get("beta")
@@ -434,15 +474,19 @@ def run_eval(models: list[str], ref: str, *, prompts: str, scorer: str, num_samp
         names.add(name)
         result = {"name": name, "model": model_path, "ref": ref, "scorer": scorer, "method": info.get("method"),
                   "beta": model_beta, "alpha": info.get("alpha"), **result}
-        path = out_dir / f"eval_{name}.json"
-        write_text_atomic(path, json.dumps(result, indent=2) + "\n")
-        written.append(path)
         results.append(result)
         acc = f", accuracy {result['accuracy']:.3f}" if "accuracy" in result else ""
         print(f"prefopt: {name}: reward {result['reward']:.4f} ± {result['reward_stderr']:.4f} "
               f"(ref {result['reward_ref']:.4f} ± {result['reward_ref_stderr']:.4f}), "
               f"KL {result['kl']:.4f} (k3 {result['kl_k3']:.4f}), win rate {result['win_rate']:.3f}{acc}",
               file=sys.stderr)
+    # Written only once every model is evaluated: a failure on the second leaves nothing half done.
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for result in results:
+        path = out_dir / f"eval_{result['name']}.json"
+        write_text_atomic(path, json.dumps(finite_json(result), indent=2, allow_nan=False) + "\n")
+        written.append(path)
     plot_frontier(frontier_entries(written), out_dir / "frontier.png")
     print(f"prefopt: wrote {len(written)} eval files and {out_dir / 'frontier.png'}", file=sys.stderr)
     return results

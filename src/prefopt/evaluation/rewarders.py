@@ -20,10 +20,10 @@ from pathlib import Path
 from typing import Any
 
 from prefopt.data.collate import PaddedPairCollator
-from prefopt.data.formats import Columns, detect_format, rows_to_pairs
+from prefopt.data.formats import Columns, detect_format, list_columns, rows_to_pairs
 from prefopt.data.prepare import prepare_dataset, summary_line
 from prefopt.data.responses import ResponseItem, tokenize_responses
-from prefopt.data.sources import RawRows, read_rows
+from prefopt.data.sources import RawRows, decode_list_cells, read_rows
 from prefopt.data.tokenize import TokenizedPair
 from prefopt.data.writers import writer_for
 from prefopt.errors import ConfigError, DataError, PrefoptError
@@ -48,7 +48,7 @@ class ModelRewarder:
 
     def __init__(self, path: str, *, batch_size: int, tokenizer_path: str | None = None, progress: bool = True):
         self.tokenizer = load_tokenizer(tokenizer_path or path)
-        self.model = load_reward_model(path, pad_token_id=self.tokenizer.pad_token_id)
+        self.model = load_reward_model(path, pad_token_id=self.tokenizer.pad_token_id, trained_head=True)
         self.device = device_for_inference()
         self.model.to(self.device)
         self.batch_size, self.progress = batch_size, progress
@@ -191,6 +191,7 @@ def score_dataset(cfg, rewarder, output: str | Path) -> dict[str, Any]:
         raise DataError(raw.source, None, None, "the dataset is empty")
     c = Columns.from_config(cfg)
     fmt = detect_format(raw, c) if cfg.dataset_format == "auto" else cfg.dataset_format
+    raw = decode_list_cells(raw, list_columns(fmt, c))
     items, slots, groups = _items(raw, fmt, c, rewarder.tokenizer)
     encoded, stats = tokenize_responses(items, rewarder.tokenizer, max_length=cfg.max_length,
                                         max_prompt_length=cfg.max_prompt_length)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import importlib
 import json
+import math
+import numbers
 from collections.abc import Callable
 from pathlib import Path
 
@@ -53,8 +55,9 @@ def _python_scorer(spec: str) -> Scorer:
         raise PrefoptError(f"scorer {spec!r}: expected module:function")
     try:
         module = importlib.import_module(module_name)
-    except ImportError as e:
-        raise PrefoptError(f"scorer {spec!r}: cannot import {module_name!r}: {e}") from None
+    except Exception as e:  # ImportError, or whatever the module raises while it is imported
+        raise PrefoptError(f"scorer {spec!r}: cannot import {module_name!r}: {type(e).__name__}: {_first_line(e)}"
+                           ) from None
     fn = module
     for part in attr.split("."):
         fn = getattr(fn, part, None)
@@ -66,18 +69,45 @@ def _python_scorer(spec: str) -> Scorer:
 
 
 def _checked(fn: Callable, spec: str) -> Scorer:
-    """Wrap a user's callable so a wrong return shape is a clear error, not a crash later."""
+    """Wrap a user's callable so that anything but one finite number per text (an exception, None,
+    a bare number, a string, NaN, inf) is one clear error naming the scorer, not a crash later or a
+    NaN in the results."""
 
     def score(texts: list[str]) -> list[float]:
-        out = list(fn(list(texts)))
+        try:
+            out = fn(list(texts))
+        except PrefoptError:
+            raise
+        except Exception as e:
+            raise PrefoptError(f"scorer {spec!r} raised {type(e).__name__}: {_first_line(e)}") from None
+        if out is None or isinstance(out, str | bytes | dict) or not hasattr(out, "__iter__"):
+            raise PrefoptError(f"scorer {spec!r} returned {_kind(out)}, expected a list of {len(texts)} numbers")
+        out = list(out)
         if len(out) != len(texts):
             raise PrefoptError(f"scorer {spec!r} returned {len(out)} scores for {len(texts)} texts")
-        try:
-            return [float(s) for s in out]
-        except (TypeError, ValueError):
-            raise PrefoptError(f"scorer {spec!r} returned a non-number score") from None
+        return [_finite_score(v, i, spec) for i, v in enumerate(out)]
 
     return score
+
+
+def _finite_score(value, i: int, spec: str) -> float:
+    if hasattr(value, "item") and getattr(value, "ndim", 0) == 0:
+        value = value.item()  # a numpy or torch scalar
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        raise PrefoptError(f"scorer {spec!r} returned {_kind(value)} for text {i}, expected a number")
+    out = float(value)
+    if not math.isfinite(out):
+        raise PrefoptError(f"scorer {spec!r} returned a non-finite score ({out}) for text {i}")
+    return out
+
+
+def _kind(value) -> str:
+    return "None" if value is None else f"{type(value).__name__} {str(value)[:40]!r}"
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else "(no message)"
 
 
 def _saved_lengths(path: str | Path) -> tuple[int, int | None]:
@@ -104,7 +134,7 @@ def reward_model_scorer(path: str | Path, *, batch_size: int = 16, device=None) 
     in training): BOS when the tokenizer adds one, EOS appended, cut to the ``max_length`` the model
     was trained with."""
     tokenizer = load_tokenizer(str(path))
-    model = load_reward_model(str(path), pad_token_id=tokenizer.pad_token_id)
+    model = load_reward_model(str(path), pad_token_id=tokenizer.pad_token_id, trained_head=True)
     device = device or device_for_inference()
     model.to(device)
     max_length, max_prompt_length = _saved_lengths(path)

@@ -12,11 +12,25 @@ from prefopt.errors import PrefoptError
 from prefopt.modeling.fused import fuse_activations
 
 
-def looks_local(name: str) -> bool:
-    return name.startswith((".", "/", "~")) or Path(name).exists() or name.count("/") > 1
+def looks_local(name: str | Path) -> bool:
+    """A local path rather than a hub id: it starts with ``.``, ``/`` or ``~``, exists, has more
+    than one ``/`` (hub ids have one), or its first component is a local directory (``runs/sft``
+    when ``./runs`` exists)."""
+    name = str(name)  # the Python API also passes Path objects
+    if name.startswith((".", "/", "~")) or Path(name).exists() or name.count("/") > 1:
+        return True
+    parts = Path(name).parts
+    return len(parts) > 1 and Path(parts[0]).is_dir()
+
+
+def check_local_path(name_or_path: str | Path) -> None:
+    """A missing local model directory is named as such (not as a malformed hub repo id)."""
+    if looks_local(name_or_path) and not Path(name_or_path).expanduser().exists():
+        raise PrefoptError(f"model path not found: {name_or_path}")
 
 
 def load_tokenizer(name_or_path: str):
+    check_local_path(name_or_path)
     try:
         tok = AutoTokenizer.from_pretrained(name_or_path)
     except (OSError, ValueError) as e:
@@ -56,8 +70,7 @@ def disable_dropout(model: torch.nn.Module) -> None:
 def load_causal_lm(name_or_path: str, *, disable_dropout_: bool = True, dtype: torch.dtype | None = None,
                    fused_activations: bool = True, **from_pretrained_kwargs):
     """The causal LM at ``name_or_path``; dropout off and activations fused (modeling/fused.py) by default."""
-    if looks_local(name_or_path) and not Path(name_or_path).expanduser().exists():
-        raise PrefoptError(f"model path not found: {name_or_path}")
+    check_local_path(name_or_path)
     try:
         kwargs = {"dtype": dtype} if dtype is not None else {}
         kwargs.update(from_pretrained_kwargs)  # e.g. quantization_config, device_map (QLoRA)

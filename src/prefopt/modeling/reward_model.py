@@ -85,9 +85,13 @@ class ScalarRewardModel(torch.nn.Module):
 
 
 def load_reward_model(name_or_path: str, *, pad_token_id: int | None, disable_dropout_: bool = True,
-                      fused_activations: bool = True, dtype: torch.dtype | None = None) -> ScalarRewardModel:
+                      fused_activations: bool = True, dtype: torch.dtype | None = None,
+                      trained_head: bool = False) -> ScalarRewardModel:
     """A causal LM checkpoint (new scalar head, initialised by ``transformers``) or a trained reward
-    model, as ``AutoModelForSequenceClassification`` with one output; ``dtype`` as in ``load_causal_lm``."""
+    model, as ``AutoModelForSequenceClassification`` with one output; ``dtype`` as in ``load_causal_lm``.
+
+    ``trained_head=True`` (scoring, evaluation) refuses a checkpoint without saved score-head
+    weights: its head would be freshly random and its scores meaningless."""
     if looks_local(name_or_path) and not Path(name_or_path).expanduser().exists():
         raise PrefoptError(f"model path not found: {name_or_path}")
     try:
@@ -102,9 +106,16 @@ def load_reward_model(name_or_path: str, *, pad_token_id: int | None, disable_dr
             # transformers' own forward pools at the last token != pad_token_id; ours uses the mask.
             config.pad_token_id = pad_token_id
         kwargs = {"dtype": dtype} if dtype is not None else {}
-        model = AutoModelForSequenceClassification.from_pretrained(name_or_path, config=config, **kwargs)
+        model, info = AutoModelForSequenceClassification.from_pretrained(
+            name_or_path, config=config, output_loading_info=True, **kwargs)
     except (OSError, ValueError) as e:
         raise PrefoptError(f"cannot load a reward model from {name_or_path!r}: {first_line(e)}") from None
+    untrained = [k for k in info.get("missing_keys", ()) if k.split(".")[0] == "score"]
+    if trained_head and untrained:
+        raise PrefoptError(
+            f"{name_or_path} has no trained reward head (no {untrained[0]!r} in its weights): it is a plain "
+            "language model; train one with `prefopt reward train`, or score with --policy/--ref"
+        )
     return ScalarRewardModel(finish_loading(model, disable_dropout_=disable_dropout_,
                                             fused_activations=fused_activations))
 

@@ -6,8 +6,11 @@ into place, so a directory named ``checkpoint-*`` is complete. It holds:
 - the model, as the run saves it (``save_pretrained``: weights, config, tokenizer);
 - ``training_state.pt``: step, optimizer, scheduler, the metrics window not yet logged, skip count;
 - ``rng_state_RANK.pt``: Python, NumPy, torch and CUDA generator states, one file per process;
-- ``checkpoint.json``: a manifest (step, file sizes) written last and checked on discovery, which
-  also catches a checkpoint damaged after the rename (a truncated copy, a half-finished delete).
+- ``checkpoint.json``: a manifest written last: the step, the size and SHA-256 of every file, and the
+  fingerprint of the tokenized training data (``data.fingerprint``). Discovery checks the sizes
+  (cheap: a truncated copy, a half-finished delete); resuming and the non-finite guard also check
+  the checksums (``verify``), so flipped bits or same-size garbage are found, named, and the newest
+  intact checkpoint is used instead.
 
 The data order is a pure function of ``(seed, epoch)`` (``data_order.Schedule``), so restoring the step
 restores the position in the data. Assumptions for several processes: every process sees the same
@@ -17,6 +20,7 @@ process saves it once; sharded optimizers (FSDP, ZeRO) would need one optimizer 
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
@@ -31,6 +35,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
+from prefopt.digest import ALGORITHM, file_digest
 from prefopt.errors import PrefoptError
 from prefopt.io import write_text_atomic
 
@@ -39,6 +44,7 @@ MANIFEST = "checkpoint.json"
 TMP_PREFIX = ".tmp-"
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 KILL_ENV = "PREFOPT_TEST_KILL"
+FAIL_ENV = "PREFOPT_TEST_ENOSPC"
 
 
 # ------------------------------------------------------------------------------------------ discovery
@@ -70,6 +76,56 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
+def read_manifest(path: Path) -> dict[str, Any]:
+    return json.loads((path / MANIFEST).read_text(encoding="utf-8"))
+
+
+def verify(path: Path) -> str | None:
+    """``None`` when every file of the checkpoint has its recorded size and checksum, else what is
+    wrong (a short phrase naming the file). A manifest without checksums (an older prefopt) is
+    checked by sizes only."""
+    try:
+        manifest = read_manifest(path)
+        files, sums = manifest["files"], manifest.get("checksums") or {}
+        for name, size in files.items():
+            file = path / name
+            if not file.is_file():
+                return f"{name} is missing"
+            if file.stat().st_size != size:
+                return f"{name} has {file.stat().st_size} bytes, the manifest says {size}"
+            if name in sums and file_digest(file) != sums[name]:
+                return f"{name} does not match its {ALGORITHM} checksum"
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        return f"{MANIFEST} is unreadable ({type(e).__name__})"
+    return None
+
+
+def intact_checkpoints(output_dir: str | Path) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """(intact checkpoints newest first, stopping at the first intact one; damaged ones met on the
+    way, with what is wrong). Only the newest intact checkpoint is hashed in full."""
+    damaged = []
+    for path in reversed(list_checkpoints(output_dir)):
+        problem = verify(path)
+        if problem is None:
+            return [path], damaged
+        damaged.append((path, problem))
+    return [], damaged
+
+
+def latest_intact_checkpoint(output_dir: str | Path, *, warn: bool = True) -> Path | None:
+    """The newest checkpoint whose files all match the manifest's checksums; each damaged newer one
+    is named in one warning line (``warn``) and skipped."""
+    found, damaged = intact_checkpoints(output_dir)
+    if warn:
+        for path, problem in damaged:
+            print(f"prefopt: warning: {path} is damaged ({problem}); skipping it", file=sys.stderr)
+    return found[0] if found else None
+
+
+def damaged_text(damaged: list[tuple[Path, str]]) -> str:
+    return "; ".join(f"{p.name}: {problem}" for p, problem in damaged)
+
+
 # ------------------------------------------------------------------------------------------ saving
 def rng_state() -> dict[str, Any]:
     kind, keys, pos, has_gauss, cached = np.random.get_state()
@@ -95,15 +151,16 @@ def _tuples(x):
     return tuple(_tuples(v) for v in x) if isinstance(x, list | tuple) else x
 
 
-def write_manifest(directory: Path, step: int) -> None:
-    files = {
-        str(p.relative_to(directory)): p.stat().st_size
-        for p in sorted(directory.rglob("*")) if p.is_file() and p.name != MANIFEST
-    }
+def write_manifest(directory: Path, step: int, extra: dict[str, Any] | None = None) -> None:
+    """The manifest: step, size and SHA-256 of every file (plus ``extra``), written last."""
+    names = [p for p in sorted(directory.rglob("*")) if p.is_file() and p.name != MANIFEST]
+    files = {str(p.relative_to(directory)): p.stat().st_size for p in names}
+    checksums = {str(p.relative_to(directory)): file_digest(p) for p in names}
     fsync_tree(directory)
     path = directory / MANIFEST
     with path.open("w", encoding="utf-8") as fh:
-        json.dump({"step": step, "files": files}, fh, indent=1)
+        json.dump({"step": step, "files": files, "checksums": checksums, "checksum_algorithm": ALGORITHM,
+                   **(extra or {})}, fh, indent=1)
         fh.flush()
         os.fsync(fh.fileno())
 
@@ -173,34 +230,80 @@ def clean_temporaries(output_dir: str | Path) -> None:
 
 def save(trainer) -> Path:
     """Write ``checkpoint-STEP/`` for ``trainer`` atomically; every process writes its RNG state,
-    the main process the rest. Then keep only the newest ``save_total_limit`` checkpoints."""
+    the main process the rest. Then keep only the newest ``save_total_limit`` checkpoints. A full
+    disk (or another write error) removes the partial checkpoint and stops the run with one line
+    naming the device and the last intact checkpoint."""
     acc, step = trainer.accelerator, trainer.step
     final_dir = trainer.output_dir / f"checkpoint-{step}"
     tmp_dir = trainer.output_dir / f"{TMP_PREFIX}checkpoint-{step}"
     acc.wait_for_everyone()
-    if acc.is_main_process:
+    try:
+        if acc.is_main_process:
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+            tmp_dir.mkdir(parents=True)
+        acc.wait_for_everyone()
+        torch.save(rng_state(), tmp_dir / f"rng_state_{acc.process_index}.pt")
+        state_dict = trainer.gather_model_state()  # a collective under FSDP / ZeRO-3: every process calls it
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            trainer.save_model(tmp_dir, state_dict)
+            torch.save(trainer.state_dict(), tmp_dir / STATE_FILE)
+            test_hook("save", step)
+            write_manifest(tmp_dir, step, {"data_fingerprint": getattr(trainer, "data_fingerprint", None)})
+            replace_dir(tmp_dir, final_dir)
+            prune_checkpoints(trainer.output_dir, trainer.cfg.save_total_limit)
+    except Exception as e:
+        # torch.save reports a full disk as a RuntimeError ("file write failed"): judge by the free
+        # space, measured before the partial checkpoint is removed (which frees it again).
+        full = isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT) or disk_nearly_full(trainer.output_dir)
         shutil.rmtree(tmp_dir, ignore_errors=True)
-        tmp_dir.mkdir(parents=True)
-    acc.wait_for_everyone()
-    torch.save(rng_state(), tmp_dir / f"rng_state_{acc.process_index}.pt")
-    state_dict = trainer.gather_model_state()  # a collective under FSDP / ZeRO-3: every process calls it
-    acc.wait_for_everyone()
-    if acc.is_main_process:
-        trainer.save_model(tmp_dir, state_dict)
-        torch.save(trainer.state_dict(), tmp_dir / STATE_FILE)
-        test_hook("save", step)
-        write_manifest(tmp_dir, step)
-        replace_dir(tmp_dir, final_dir)
-        prune_checkpoints(trainer.output_dir, trainer.cfg.save_total_limit)
+        if full or isinstance(e, OSError):
+            raise PrefoptError(write_failure(e, trainer.output_dir, f"checkpoint-{step}", full=full)) from None
+        raise
     acc.wait_for_everyone()
     return final_dir
 
 
+def disk_nearly_full(path: Path, margin: int = 16 << 20) -> bool:
+    try:
+        return shutil.disk_usage(mount_point(path)).free < margin
+    except OSError:
+        return False
+
+
+def write_failure(e: Exception, output_dir: Path, what: str, *, full: bool | None = None) -> str:
+    """One line for a failed write: the device (mount point) and the last intact checkpoint."""
+    last = latest_intact_checkpoint(output_dir, warn=False)
+    kept = (f"the last intact checkpoint is {last} (resume with --resume)" if last is not None
+            else "no checkpoint was written yet")
+    if full is None:
+        full = isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
+    if full:
+        return (f"disk full: no space left on {mount_point(output_dir)} (the file system of {output_dir}) while "
+                f"writing {what}; {kept}")
+    text = str(e).strip()
+    reason = getattr(e, "strerror", None) or (text.splitlines()[0] if text else type(e).__name__)
+    return f"cannot write {what} in {output_dir}: {reason}; {kept}"
+
+
+def mount_point(path: Path) -> Path:
+    """The mount point of the file system holding ``path``."""
+    p = Path(os.path.abspath(path))
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    while p != p.parent and not os.path.ismount(p):
+        p = p.parent
+    return p
+
+
 def test_hook(point: str, step: int) -> None:
     """Crash tests only: ``PREFOPT_TEST_KILL=step:K`` kills this process with SIGKILL after step K,
-    ``save:K`` in the middle of writing checkpoint K. Never set in normal use."""
+    ``save:K`` in the middle of writing checkpoint K; ``PREFOPT_TEST_ENOSPC=save:K`` makes that
+    write fail as on a full disk. Never set in normal use."""
     if os.environ.get(KILL_ENV) == f"{point}:{step}":
         os.kill(os.getpid(), signal.SIGKILL)
+    if os.environ.get(FAIL_ENV) == f"{point}:{step}":
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
 
 # ------------------------------------------------------------------------------------------ restoring
@@ -234,7 +337,11 @@ def load_model_weights(model: torch.nn.Module, directory: Path) -> None:
 
 
 def read_training_state(directory: Path) -> dict[str, Any]:
-    return torch.load(directory / STATE_FILE, map_location="cpu", weights_only=True)
+    try:
+        return torch.load(directory / STATE_FILE, map_location="cpu", weights_only=True)
+    except Exception as e:  # damaged beyond what the manifest records (e.g. an old manifest without checksums)
+        raise PrefoptError(f"{directory / STATE_FILE}: unreadable ({type(e).__name__}); resume from an earlier "
+                           "checkpoint with --resume_from_checkpoint") from None
 
 
 def read_rng_state(directory: Path, rank: int) -> dict[str, Any] | None:

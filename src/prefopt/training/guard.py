@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from prefopt.errors import PrefoptError
-from prefopt.training.checkpoint import latest_checkpoint
+from prefopt.training.checkpoint import damaged_text, intact_checkpoints
 
 
 class NonFiniteError(PrefoptError):
@@ -78,6 +78,11 @@ def check_step(trainer, health: StepHealth, loss_sum: float, grad_norm: float) -
     what = "loss" if not math.isfinite(loss_sum) else "gradient"
     if cfg.on_nonfinite == "skip":
         what += f" after {trainer.skipped_steps} skipped steps (max_skipped_steps)"
-    last = latest_checkpoint(trainer.output_dir)
-    kept = f"last good checkpoint: {last}" if last is not None else "no checkpoint was written yet"
+    # "Last good" means verified: a checkpoint whose files no longer match their checksums is named, not offered.
+    found, damaged = intact_checkpoints(trainer.output_dir)
+    kept = f"last good checkpoint: {found[0]}" if found else "no intact checkpoint"
+    if damaged:
+        kept += f" (skipped damaged: {damaged_text(damaged)})"
+    elif not found:
+        kept = "no checkpoint was written yet"
     raise NonFiniteError(f"step {step}: non-finite {what}; likely cause: {cause}. Training stopped; {kept}")

@@ -10,6 +10,7 @@ so a run that fails on bad input leaves an earlier run untouched.
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 from dataclasses import dataclass
@@ -17,15 +18,19 @@ from pathlib import Path
 
 import yaml
 
+from prefopt.data.fingerprint import pairs_fingerprint
 from prefopt.errors import ConfigError, PrefoptError
 from prefopt.modeling.load import looks_local
 from prefopt.training.checkpoint import (
     TMP_PREFIX,
     checkpoint_step,
+    damaged_text,
+    intact_checkpoints,
     is_complete,
-    latest_checkpoint,
     list_checkpoints,
+    read_manifest,
     remove_dir,
+    verify,
 )
 
 # What prefopt writes into an output_dir (the model files are overwritten by the new run's save).
@@ -40,7 +45,8 @@ MODEL_FILE_PATTERNS = (
 # Keys that may change between an interrupted run and its resumption without changing the result.
 RESUME_FREE_KEYS = {
     "resume_from_checkpoint", "overwrite_output_dir", "output_dir", "progress_bar", "report_to",
-    "save_total_limit", "log_throughput", "on_nonfinite", "max_skipped_steps", "run_name", "logging_dir",
+    "save_total_limit", "log_throughput", "on_nonfinite", "max_skipped_steps", "ignore_data_change",
+    "run_name", "logging_dir",
 }
 
 
@@ -76,7 +82,13 @@ def plan_run(cfg) -> RunPlan:
     resume = cfg.resume_from_checkpoint
     if resume:
         if resume == "latest":
-            ckpt = latest_checkpoint(out)
+            found, damaged = intact_checkpoints(out)
+            if not found and damaged:
+                raise ConfigError(f"--resume: no intact checkpoint in {out} ({damaged_text(damaged)}); pass "
+                                  "--overwrite_output_dir to start over")
+            for path, problem in damaged if _main_process() else ():
+                print(f"prefopt: warning: {path} is damaged ({problem}); skipping it", file=sys.stderr)
+            ckpt = found[0] if found else None
             if ckpt is None:
                 if occupied and only_unfinished_run(out):
                     # Killed before its first checkpoint: nothing to resume, nothing worth keeping.
@@ -96,6 +108,10 @@ def plan_run(cfg) -> RunPlan:
             if not is_complete(ckpt):
                 raise ConfigError(f"resume_from_checkpoint: {ckpt} is not a complete checkpoint "
                                   "(no valid checkpoint.json; it may have been cut short)")
+            problem = verify(ckpt)
+            if problem is not None:
+                raise ConfigError(f"resume_from_checkpoint: {ckpt} is damaged ({problem}); choose an earlier "
+                                  "checkpoint")
             if ckpt.parent.resolve() != out.resolve() and occupied:
                 raise ConfigError(f"output_dir {out} is not empty (it holds: {describe_contents(out)}); "
                                   f"resuming {ckpt} into it would mix two runs")
@@ -108,6 +124,31 @@ def plan_run(cfg) -> RunPlan:
             "that run, --overwrite_output_dir to start over, or choose another output_dir"
         )
     return RunPlan(overwrite=occupied)
+
+
+def _main_process() -> bool:
+    return os.environ.get("RANK", "0") == "0"  # before the accelerator exists: torchrun / accelerate's variable
+
+
+def check_resume_data(cfg, plan: RunPlan, train_pairs) -> None:
+    """A resumed run must train on the data it started with: the tokenized training pairs'
+    fingerprint must equal the one the checkpoint recorded, unless ``ignore_data_change``."""
+    if plan.resume_from is None:
+        return
+    try:
+        saved = read_manifest(plan.resume_from).get("data_fingerprint")
+    except (OSError, ValueError):
+        return  # verified when the plan was made; nothing to compare with here
+    if not saved or saved == pairs_fingerprint(train_pairs):
+        return
+    if cfg.ignore_data_change:
+        if _main_process():
+            print(f"prefopt: warning: the training data differs from the data {plan.resume_from} was trained on; "
+                  "resuming anyway (ignore_data_change)", file=sys.stderr)
+        return
+    raise ConfigError(f"the training data ({cfg.dataset or 'rows in memory'}) differs from the data "
+                      f"{plan.resume_from} was trained on (its tokenized contents changed); set "
+                      "ignore_data_change: true to resume anyway, or start a new run")
 
 
 def only_unfinished_run(out: Path) -> bool:

@@ -27,6 +27,7 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from prefopt.data.collate import to_device
+from prefopt.data.fingerprint import pairs_fingerprint
 from prefopt.errors import PrefoptError
 from prefopt.memory import transient_heap
 from prefopt.modeling.lm_head import accumulate_tied_grad_in_place
@@ -329,6 +330,17 @@ class Trainer:
             self.save_model_fn(model, directory, **kwargs)
         else:
             model.save_pretrained(directory, **kwargs)
+
+    @property
+    def data_fingerprint(self) -> str | None:
+        """The training pairs' fingerprint (``data.fingerprint``), recorded in every checkpoint so a
+        resumed run can check it trains on the same data. Computed once, at the first save."""
+        if not hasattr(self, "_data_fingerprint"):
+            try:
+                self._data_fingerprint = pairs_fingerprint(self.train_data)
+            except (AttributeError, TypeError):  # rows that are not tokenized pairs: nothing to record
+                self._data_fingerprint = None
+        return self._data_fingerprint
 
     def save_checkpoint(self) -> Path:
         """``checkpoint-STEP/``: model, optimizer, scheduler, step and RNG states. Written into a
