@@ -19,7 +19,7 @@ LAYERS = [
     {"modeling"},
     {"training", "objectives"},
     {"evaluation"},
-    {"recipes"},
+    {"recipes", "online"},
     {"demo"},
     {"cli", "__main__"},
 ]

@@ -215,6 +215,41 @@ class TrainConfig:
         group="reward model",
     )
     margin_scale: float = opt(1.0, "Reward model: factor on the score difference in the margin.", group="reward model")
+    # --- online / iterative preference training (`prefopt online`) ---
+    prompts: str | None = opt(
+        None, "Online: prompts to sample from: a .txt file (one per line) or any table with the prompt column "
+        "(a preference file's prompts are used once each).", group="online",
+    )
+    reward_model: str | None = opt(
+        None, "Online: reward-model directory (`prefopt reward train` or any *ForSequenceClassification) that "
+        "scores the samples; exclusive with `scorer`.", group="online",
+    )
+    scorer: str | None = opt(
+        None, "Online: `module:function` mapping full texts (prompt + completion) to scores, as in "
+        "`prefopt eval`; exclusive with `reward_model`.", group="online",
+    )
+    rounds: int = opt(1, "Online: rounds of sample -> score -> pair -> train.", group="online")
+    prompts_per_round: int = opt(
+        0, "Online: prompts per round, taken in a seeded shuffled order that cycles through the file; "
+        "0 = every prompt every round.", group="online",
+    )
+    samples_per_prompt: int = opt(4, "Online: responses sampled per prompt and round (K >= 2).", group="online")
+    temperature: float = opt(
+        1.0, "Online: sampling temperature (the KL estimate is exact only at 1.0 with top_p 1.0).", group="online"
+    )
+    top_p: float = opt(1.0, "Online: nucleus sampling threshold in (0, 1]; 1.0 = off.", group="online")
+    max_new_tokens: int = opt(64, "Online: longest sampled response, in tokens.", group="online")
+    generation_batch_size: int = opt(64, "Online: sequences per generate call.", group="online")
+    pairing: str = opt(
+        "best_worst", "Online: best_worst = the highest- against the lowest-scored sample of a prompt; all = "
+        "every two samples with different scores. Equal scores are never paired.",
+        choices=("best_worst", "all"), group="online",
+    )
+    reference_update: str = opt(
+        "fixed", "Online: fixed = the initial policy (or ref_model_name_or_path) is the reference in every "
+        "round; per_round = the policy at the start of each round (iterative DPO).",
+        choices=("fixed", "per_round"), group="online",
+    )
     # --- verified results: what a resumed run checks besides the checkpoint's checksums ---
     ignore_data_change: bool = opt(
         False, "Resume even when the tokenized training data differs from the data the checkpoint was trained "
@@ -292,6 +327,33 @@ class TrainConfig:
         if not (math.isfinite(self.margin_scale) and self.margin_scale >= 0):
             raise ConfigError(f"margin_scale must be >= 0, got {self.margin_scale}")
         return self
+
+    def validate_online(self) -> TrainConfig:
+        """The checks of ``prefopt online``'s keys (``validate`` covers the training keys)."""
+        if not self.model_name_or_path:
+            raise ConfigError("model_name_or_path is required: the policy to start from")
+        if not self.prompts:
+            raise ConfigError("prompts is required: a file of prompts to sample from")
+        if bool(self.reward_model) == bool(self.scorer):
+            raise ConfigError("set exactly one of reward_model (a reward-model directory) and scorer "
+                              "(module:function)")
+        if self.dataset:
+            raise ConfigError("dataset is not used by prefopt online (the pairs come from the policy's samples); "
+                              "remove it")
+        if self.rounds < 1:
+            raise ConfigError(f"rounds must be at least 1, got {self.rounds}")
+        if self.prompts_per_round < 0:
+            raise ConfigError(f"prompts_per_round must be >= 0 (0: every prompt), got {self.prompts_per_round}")
+        if self.samples_per_prompt < 2:
+            raise ConfigError(f"samples_per_prompt must be at least 2 to make pairs, got {self.samples_per_prompt}")
+        if not (math.isfinite(self.temperature) and self.temperature > 0):
+            raise ConfigError(f"temperature must be > 0, got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
+        for name in ("max_new_tokens", "generation_batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        return self.validate(require_paths=False)
 
     def attention_kwargs(self) -> dict[str, str]:
         """``from_pretrained`` keywords for ``attn_implementation`` (none for auto: transformers' default)."""

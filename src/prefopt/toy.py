@@ -107,3 +107,14 @@ def write_jsonl(path: str | Path, rows: list[dict]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     return path
+
+
+def good_word_score(texts: list[str]) -> list[float]:
+    """A scorer for tests and examples (``prefopt.toy:good_word_score``): the share of the words
+    that are good minus the share that are bad, in [-1, 1]."""
+    good, bad = set(GOOD_WORDS), set(BAD_WORDS)
+    out = []
+    for text in texts:
+        words = text.split()
+        out.append((sum(w in good for w in words) - sum(w in bad for w in words)) / max(len(words), 1))
+    return out

@@ -249,7 +249,8 @@ def test_demo_quick_eval_and_plot_end_to_end(cli, tmp_path):
         assert f"[{stage}/7]" in res.stderr
     report = json.loads((out / "report.json").read_text())
     runs = report["runs"]
-    assert [r["method"] for r in runs] == ["sft", "dpo", "odpo", "dpo_noisy", "dpo_rm_filtered", "odpo_rm"]
+    assert [r["method"] for r in runs] == ["sft", "dpo", "odpo", "dpo_noisy", "dpo_rm_filtered", "odpo_rm",
+                                           "online_dpo", "online_odpo"]
     for r in runs:
         assert all(k in r for k in REPORT_FIELDS), r
     assert runs[0]["kl"] == 0.0 and runs[0]["accuracy"] is None
@@ -257,8 +258,14 @@ def test_demo_quick_eval_and_plot_end_to_end(cli, tmp_path):
     # Where labels and offsets came from (issue 5), and the reward model's numbers.
     assert [(r["labels"], r["offsets"]) for r in runs] == [
         (None, None), ("scorer", None), ("scorer", "scorer"), ("bt_noise", None), ("bt_noise_rm_agrees", None),
-        ("bt_noise", "reward_model")]
-    assert [r["beta"] for r in runs[3:]] == [1.0, 1.0, 1.0] and (runs[4]["alpha"], runs[5]["alpha"]) == (None, 0.5)
+        ("bt_noise", "reward_model"), ("scorer_online", None), ("scorer_online", "scorer")]
+    assert [r["beta"] for r in runs[3:6]] == [1.0, 1.0, 1.0] and (runs[4]["alpha"], runs[5]["alpha"]) == (None, 0.5)
+    # The online runs (`prefopt online`'s code): their rounds on disk, the spread over seeds in the report.
+    assert (runs[6]["alpha"], runs[7]["alpha"], runs[6]["seed"]) == (None, 0.5, 0)
+    online_dir = out / "runs" / runs[7]["name"]
+    assert (online_dir / "rounds" / "1" / "pairs.jsonl").is_file() and (online_dir / "model.safetensors").is_file()
+    assert [(r["method"], r["seeds"], r["reward"]) for r in report["online_spread"]] == [
+        ("online_dpo", 1, runs[6]["reward"]), ("online_odpo", 1, runs[7]["reward"])]
     rm = report["reward_model"]
     assert 0.0 <= rm["heldout_accuracy"] <= 1.0 and rm["heldout_pairs"] == report["data"]["heldout"]["pairs"]
     assert rm["train_pairs"] == report["data"]["train"]["pairs"]

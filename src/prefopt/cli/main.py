@@ -39,6 +39,16 @@ def _train(args, unknown) -> int:
     return 0
 
 
+@command("online", "Online / iterative DPO and ODPO: sample from the policy, score, pair, train; repeat.",
+         train_args)
+def _online(args, unknown) -> int:
+    from prefopt.online.rounds import run_online
+
+    cfg = config_from_args(args, unknown)
+    run_online(cfg)
+    return 0
+
+
 def _logps_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="Model to score with (same as --model_name_or_path).")
     parser.add_argument("--output", required=True, help="JSONL file to write, one object per pair.")

@@ -33,6 +33,7 @@ import torch
 from prefopt.config import TrainConfig
 from prefopt.demo import world
 from prefopt.demo.labels import sample_bt_labels
+from prefopt.demo.online import online_run_specs, spread, train_online_run
 from prefopt.demo.rm import reward_model_stage
 from prefopt.demo.sft import build_sft_model, train_sft
 from prefopt.evaluation.plots import plot_frontier, plot_training_curves, scorer_label
@@ -51,7 +52,11 @@ RUN_SOURCES = {
     "dpo_noisy": {"labels": "bt_noise", "offsets": None},
     "dpo_rm_filtered": {"labels": "bt_noise_rm_agrees", "offsets": None},
     "odpo_rm": {"labels": "bt_noise", "offsets": "reward_model"},
+    # online: pairs from the policy's own samples each round, ordered (and offset) by the scorer
+    "online_dpo": {"labels": "scorer_online", "offsets": None},
+    "online_odpo": {"labels": "scorer_online", "offsets": "scorer"},
 }
+ONLINE_METHODS = ("online_dpo", "online_odpo")
 
 
 @dataclass(frozen=True)
@@ -88,11 +93,20 @@ class DemoSettings:
     rm_learning_rate: float = 3e-3
     rm_epochs: float = 4.0
     noisy_betas: tuple[float, ...] = (2.0, 1.0, 0.5)
+    # --- online DPO / ODPO (`prefopt online`): rounds of sample -> score -> pair -> train from SFT ---
+    online_betas: tuple[float, ...] = (1.0,)
+    online_seeds: tuple[int, ...] = (0, 1, 2)
+    online_rounds: int = 3
+    online_prompts_per_round: int = 64
+    online_samples: int = 4
+    online_pairing: str = "all"
+    online_epochs: float = 2.0
 
 
 QUICK = DemoSettings(sft_reviews=1000, sft_steps=120, train_prompts=96, heldout_pair_prompts=24,
                      betas=(1.0,), epochs=1.0, eval_prompts=24, eval_samples=2, rm_epochs=1.0,
-                     noisy_betas=(1.0,))
+                     noisy_betas=(1.0,), online_seeds=(0,), online_rounds=1, online_prompts_per_round=16,
+                     online_epochs=1.0)
 FULL = DemoSettings()
 
 
@@ -147,6 +161,9 @@ def run_demo(output_dir: str | Path, *, quick: bool = False, progress: bool = Tr
         data_stats[f"{role}_noisy"] = {"pairs": stats["pairs"], "flipped": stats["flipped"],
                                        "flip_rate": stats["flipped"] / max(stats["pairs"], 1),
                                        "expected_flip_rate": stats["expected_flipped"] / max(stats["pairs"], 1)}
+    # The online runs sample from the offline runs' training prompts.
+    write_jsonl(data_dir / "train_prompts.jsonl", [{"prompt": p} for p in world.make_prompts(s.train_prompts,
+                                                                                                seed=s.seed + 1)])
     eval_prompts = world.make_prompts(s.eval_prompts, seed=s.seed + 3)
     write_jsonl(data_dir / "eval_prompts.jsonl", [{"prompt": p} for p in eval_prompts])
 
@@ -170,14 +187,22 @@ def run_demo(output_dir: str | Path, *, quick: bool = False, progress: bool = Tr
              for beta in s.noisy_betas]
     runs += [(f"odpo_rm_beta{beta}_alpha{s.odpo_alpha}", "odpo_rm", "odpo", beta, "train_rm", "heldout_rm")
              for beta in s.noisy_betas]
-    methods = list(dict.fromkeys(r[1] for r in runs))
-    _stage(5, total, f"train: {len(runs)} runs ({', '.join(methods)})")
+    online = online_run_specs(s)
+    methods = list(dict.fromkeys([r[1] for r in runs] + [r[1] for r in online]))
+    _stage(5, total, f"train: {len(runs) + len(online)} runs ({', '.join(methods)})")
     run_dirs = []
     for name, method, loss_type, beta, train_file, eval_file in runs:
         run_dir = out / "runs" / name
         _train_run(run_dir, sft_dir, pair_files[train_file], pair_files[eval_file], loss_type=loss_type, beta=beta,
                    settings=s, progress=progress)
         run_dirs.append((name, method, beta, run_dir))
+    seeds = {}
+    for name, method, loss_type, beta, seed in online:
+        run_dir = out / "runs" / name
+        train_online_run(run_dir, sft_dir, data_dir / "train_prompts.jsonl", SCORER, loss_type=loss_type, beta=beta,
+                         seed=seed, settings=s, progress=progress)
+        run_dirs.append((name, method, beta, run_dir))
+        seeds[name] = seed
 
     _stage(6, total, f"eval: {len(run_dirs) + 1} models on {len(eval_prompts)} held-out prompts")
     eval_kwargs = dict(num_samples=s.eval_samples, max_new_tokens=s.max_new_tokens, seed=s.seed + 4)
@@ -193,17 +218,21 @@ def run_demo(output_dir: str | Path, *, quick: bool = False, progress: bool = Tr
                                  desc=f"{name} samples", **eval_kwargs)
         (run_dir / "eval.json").write_text(json.dumps(_rounded(result), indent=2) + "\n")
         entries.append({"name": name, "method": method, **RUN_SOURCES[method], "beta": beta,
-                        "alpha": s.odpo_alpha if method in ("odpo", "odpo_rm") else None,
+                        "alpha": s.odpo_alpha if method in ("odpo", "odpo_rm", "online_odpo") else None,
+                        **({"seed": seeds[name]} if name in seeds else {}),
                         **{k: result[k] for k in ("reward", "kl", "kl_k3", "accuracy", "win_rate",
                                                   "reward_margin", "mean_length", "kl_stderr")}})
+    online_spread = spread(entries, ONLINE_METHODS)
 
     _stage(7, total, f"report: {out}/report.json, report.md, frontier.png")
     report = _rounded({"scorer": SCORER, "quick": quick, "settings": asdict(s), "data": data_stats,
-                       "reward_model": rm_report, "runs": entries})
+                       "reward_model": rm_report, "runs": entries, "online_spread": online_spread})
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / "report.md").write_text(report_markdown(report))
 
-    plot_frontier(entries, out / "frontier.png", title="Toy controlled sentiment: reward vs KL from SFT",
+    # The online methods as one point per setting: the mean over seeds, with their spread as error bars.
+    plot_frontier([e for e in entries if e["method"] not in ONLINE_METHODS] + online_spread, out / "frontier.png",
+                  title="Toy controlled sentiment: reward vs KL from SFT",
                   reward_label=f"mean ground-truth {scorer_label(SCORER)} of samples")
     plot_training_curves({name: run_dir / "metrics.jsonl" for name, _, _, run_dir in run_dirs},
                          out / "training_curves.png")
@@ -270,5 +299,13 @@ def report_markdown(report: dict[str, Any]) -> str:
                   f"(ECE {rm['heldout_ece_noisy_labels']:.3f}); it disagrees with {rm['train_pairs_rm_disagrees']} "
                   f"of {rm['train_pairs']} training labels ({rm['train_pairs_rm_disagrees_flipped']} of them flipped by the "
                   f"noise, of {rm['train_pairs_flipped']} flipped in all), which the learned-offset ODPO runs drop."]
+    if report.get("online_spread"):
+        lines += ["", "Online runs (`prefopt online`), mean ± standard deviation over seeds:", "",
+                  "| method | beta | alpha | seeds | reward | KL | win rate vs SFT | accuracy |", "|---|---|---|---|---|---|---|---|"]
+        for r in report["online_spread"]:
+            def pm(key, r=r):
+                return "—" if r.get(key) is None else f"{r[key]:.3f} ± {r.get(key + '_std', 0.0):.3f}"
+            lines.append(f"| {r['method']} | {fmt(r['beta'])} | {fmt(r['alpha'])} | {r['seeds']} | {pm('reward')} | "
+                         f"{pm('kl')} | {pm('win_rate')} | {pm('accuracy')} |")
     lines += ["", "![reward against KL](frontier.png)", "", "Training curves: `training_curves.png`.", ""]
     return "\n".join(lines)

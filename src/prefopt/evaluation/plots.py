@@ -18,6 +18,10 @@ METHOD_COLORS.update({"dpo_noisy": "tab:cyan", "dpo_rm_filtered": "tab:olive", "
 METHOD_STYLES = {"dpo_noisy": "s--", "dpo_rm_filtered": "^--", "odpo_rm": "D--"}  # dashed: noisy labels
 METHOD_LABELS = {"dpo_noisy": "DPO, noisy labels", "dpo_rm_filtered": "DPO, noisy labels the RM agrees with",
                  "odpo_rm": "ODPO, noisy labels + RM offsets"}
+# `prefopt online` runs: filled diamonds, mean over seeds with error bars.
+METHOD_COLORS.update({"online_dpo": "navy", "online_odpo": "darkred"})
+METHOD_STYLES.update({"online_dpo": "D", "online_odpo": "D"})
+METHOD_LABELS.update({"online_dpo": "online DPO (mean ± std over seeds)", "online_odpo": "online ODPO (mean ± std over seeds)"})
 
 
 def pyplot():
@@ -153,6 +157,10 @@ def plot_frontier(entries: list[dict[str, Any]], path: str | Path, *, title: str
             f" (α={shared_alpha:g})" if shared_alpha is not None else "")
         ax.plot([p["kl"] for p in pts], [p["reward"] for p in pts], METHOD_STYLES.get(method, "o-"),
                 color=color, label=legend, markersize=6 if method not in METHOD_STYLES else 7)
+        if any("reward_std" in p or "kl_std" in p for p in pts):  # a spread over seeds
+            ax.errorbar([p["kl"] for p in pts], [p["reward"] for p in pts],
+                        xerr=[p.get("kl_std", 0.0) for p in pts], yerr=[p.get("reward_std", 0.0) for p in pts],
+                        fmt="none", ecolor=color, capsize=3)
         curves.append([(p["kl"], p["reward"]) for p in pts])
         for p in pts:
             points.append((p["kl"], p["reward"]))
@@ -258,6 +266,36 @@ def plot_training_curves(runs: dict[str, str | Path], path: str | Path, *, max_r
     return path
 
 
+def plot_online(rows: list[dict[str, Any]], path: str | Path) -> Path:
+    """``prefopt online``'s rounds: the mean sample reward (with its standard deviation as a band)
+    against the number of rounds trained, and against the KL to the initial policy."""
+    plt = pyplot()
+    points = [r for r in rows if "samples/reward_mean" in r]
+    xs = [r["rounds_trained"] for r in points]
+    mean = [r["samples/reward_mean"] for r in points]
+    std = [r.get("samples/reward_std", 0.0) for r in points]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    axes[0].plot(xs, mean, "o-", color="tab:orange")
+    axes[0].fill_between(xs, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
+                         color="tab:orange", alpha=0.2)
+    axes[0].set_xlabel("rounds trained")
+    axes[0].set_ylabel("mean reward of the samples (± std)")
+    axes[1].plot([r["samples/kl"] for r in points], mean, "o-", color="tab:orange")
+    for r in points:
+        axes[1].annotate(str(r["rounds_trained"]), (r["samples/kl"], r["samples/reward_mean"]),
+                         textcoords="offset points", xytext=(4, -10), fontsize=7)
+    axes[1].set_xlabel("KL to the initial policy")
+    axes[1].set_ylabel("mean reward of the samples")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    fig.suptitle("online rounds: reward against round and against KL")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def _line(ax, xs, ys, **kwargs) -> None:
     pts = [(x, y) for x, y in zip(xs, ys) if y is not None]
     if len(pts) < 3 and "marker" not in kwargs:  # one or two logged rows: a line alone could be invisible
@@ -289,7 +327,8 @@ def frontier_entries(paths: list[Path]) -> list[dict[str, Any]]:
 
 
 def plot_directory(output_dir: str | Path) -> list[Path]:
-    """``prefopt plot DIR``: ``training_curves.png`` from every ``metrics.jsonl`` under DIR and
+    """``prefopt plot DIR``: ``training_curves.png`` from every ``metrics.jsonl`` under DIR,
+    ``online.png`` (reward against round and KL) when DIR holds a ``prefopt online`` run, and
     ``frontier.png`` from every eval JSON under DIR. Returns the files written."""
     root = Path(output_dir)
     if not root.is_dir():
@@ -299,6 +338,10 @@ def plot_directory(output_dir: str | Path) -> list[Path]:
     if metrics:
         runs = {str(p.parent.relative_to(root)) if p.parent != root else root.name: p for p in metrics}
         written.append(plot_training_curves(runs, root / "training_curves.png"))
+        top = root / "metrics.jsonl"
+        online_rows = [r for r in read_metrics(top) if "samples/reward_mean" in r] if top.is_file() else []
+        if online_rows:  # a `prefopt online` run
+            written.append(plot_online(online_rows, root / "online.png"))
     evals = sorted(p for p in root.rglob("*.json") if p.name.startswith("eval_") or p.name == "report.json")
     entries = frontier_entries(evals)
     if entries:

@@ -341,9 +341,9 @@ def eval_plan(models: list[str], ref: str, total_prompts: int, prompts: int, num
     return text
 
 
-def read_prompts(path: str) -> list[str]:
+def read_prompts(path: str, column: str = "prompt") -> list[str]:
     """Prompts from a ``.txt`` file (one per non-empty line) or any table ``prefopt train`` reads
-    (a ``prompt`` column)."""
+    (a ``prompt`` column, or ``column``)."""
     p = Path(path)
     if p.suffix.lower() == ".txt":
         if not p.is_file():
@@ -359,13 +359,13 @@ def read_prompts(path: str) -> list[str]:
         raw = read_rows(path)
         prompts = []
         for row_no, row in raw:
-            value = row.get("prompt")
+            value = row.get(column)
             if not isinstance(value, str) or not value.strip():
-                raise DataError(raw.source, row_no, "prompt", "missing or not a non-empty string", raw.row_label)
+                raise DataError(raw.source, row_no, column, "missing or not a non-empty string", raw.row_label)
             try:
                 value.encode("utf-8")
             except UnicodeEncodeError as e:  # a lone surrogate ("\ud800" in JSON): no tokenizer takes it
-                raise DataError(raw.source, row_no, "prompt", f"not valid Unicode text (a lone surrogate "
+                raise DataError(raw.source, row_no, column, f"not valid Unicode text (a lone surrogate "
                                 f"{value[e.start]!r} at character {e.start})", raw.row_label) from None
             prompts.append(value)
     if not prompts:

@@ -298,8 +298,9 @@ def mount_point(path: Path) -> Path:
 
 def test_hook(point: str, step: int) -> None:
     """Crash tests only: ``PREFOPT_TEST_KILL=step:K`` kills this process with SIGKILL after step K,
-    ``save:K`` in the middle of writing checkpoint K; ``PREFOPT_TEST_ENOSPC=save:K`` makes that
-    write fail as on a full disk. Never set in normal use."""
+    ``save:K`` in the middle of writing checkpoint K, ``online-sample:N`` / ``online-score:N`` in
+    round N of ``prefopt online`` before that stage's files are written; ``PREFOPT_TEST_ENOSPC=save:K``
+    makes that write fail as on a full disk. Never set in normal use."""
     if os.environ.get(KILL_ENV) == f"{point}:{step}":
         os.kill(os.getpid(), signal.SIGKILL)
     if os.environ.get(FAIL_ENV) == f"{point}:{step}":

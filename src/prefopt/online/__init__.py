@@ -1,0 +1,1 @@
+"""``prefopt online``: iterative / online DPO and ODPO (sample, score, pair, train, repeat)."""
