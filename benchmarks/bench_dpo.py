@@ -453,9 +453,11 @@ def finish(results, args, lengths, peak, peaks=()) -> None:
     print(report)
     if not args.quick:
         output = Path(args.output)
-        # The GPU check's section (benchmarks/gpu_check.py) is not this benchmark's: keep it.
+        # The GPU check's section (benchmarks/gpu_check.py) and the data-preparation section
+        # (benchmarks/bench_data.py) are not this benchmark's: keep them, from the first one on.
         old = output.read_text(encoding="utf-8") if output.exists() else ""
-        kept = old[old.index(GPU_SECTION):] if GPU_SECTION in old else ""
+        marks = [old.index(m) for m in (GPU_SECTION, "<!-- bench_data.py:") if m in old]
+        kept = old[min(marks):] if marks else ""
         output.write_text(report + ("\n" + kept if kept else ""), encoding="utf-8")
         print(f"wrote {args.output}")
 

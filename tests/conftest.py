@@ -5,11 +5,15 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Tokenized-pair stores and reference caches of the tests go to a temporary directory, not the user's cache
+# (inherited by the subprocesses run_cli starts).
+os.environ.setdefault("PREFOPT_CACHE_DIR", tempfile.mkdtemp(prefix="prefopt-test-cache-"))
 
 from prefopt.toy import build_tiny_model, easy_preferences, write_jsonl  # noqa: E402
 

@@ -66,6 +66,20 @@ class TrainConfig:
     scores_column: str = opt("scores", "Rated format: the list of scores (`rewards` also read).", group="data")
     max_length: int = opt(1024, "Max tokens of prompt + one response.", group="data")
     max_prompt_length: int | None = opt(512, "Max prompt tokens (cut from the left).", group="data")
+    # --- tokenized-pair store (docs/data.md) ---
+    data_cache: bool = opt(
+        True, "Keep the tokenized pairs in an on-disk store keyed by the data file's content, the tokenizer and "
+        "every data setting: later runs and every process of a run memory-map it instead of tokenizing again. "
+        "false: build a temporary store for this run only.", group="data store",
+    )
+    data_cache_dir: str | None = opt(
+        None, "Where the stores live; default $PREFOPT_CACHE_DIR/data, else $XDG_CACHE_HOME/prefopt/data, else "
+        "~/.cache/prefopt/data. `prefopt cache list|clear` shows or empties it.", group="data store",
+    )
+    dataset_num_proc: int | None = opt(
+        None, "Worker processes that convert and tokenize the data while a store is built (TRL's key); "
+        "none or 1: in the main process.", group="data store",
+    )
     # --- objective ---
     loss_type: str = opt(
         "dpo",
@@ -297,6 +311,8 @@ class TrainConfig:
         self.loss_options()
         if self.max_length < 2:
             raise ConfigError(f"max_length must be at least 2, got {self.max_length}")
+        if self.dataset_num_proc is not None and self.dataset_num_proc < 1:
+            raise ConfigError(f"dataset_num_proc must be at least 1 (or none), got {self.dataset_num_proc}")
         if self.max_prompt_length is not None and self.max_prompt_length >= self.max_length:
             raise ConfigError(
                 f"max_prompt_length ({self.max_prompt_length}) must be below max_length ({self.max_length})"

@@ -21,9 +21,14 @@ class DataError(PrefoptError):
 
     def __init__(self, source: str, row: int | None, field: str | None, problem: str, row_label: str = "row"):
         self.source, self.row, self.field, self.problem = source, row, field, problem
+        self.row_label = row_label
         parts = [str(source)]
         if row is not None:
             parts.append(f"{row_label} {row}")
         if field is not None:
             parts.append(f"field '{field}'")
         super().__init__(", ".join(parts) + f": {problem}")
+
+    def __reduce__(self):
+        # Rebuilt from its parts when it crosses a process boundary (a tokenizing worker).
+        return (type(self), (self.source, self.row, self.field, self.problem, self.row_label))

@@ -316,14 +316,18 @@ def logps(cfg: TrainConfig, output: str, batch_size: int = 8) -> int:
     return len(rows)
 
 
-def validate_datasets(cfg: TrainConfig) -> dict[str, dict[str, Any]]:
+def validate_datasets(cfg: TrainConfig, *, command: str = "validate") -> dict[str, dict[str, Any]]:
     """``prefopt validate``: read, check and (with a tokenizer) tokenize the datasets exactly as
-    training would, without loading a model. Summaries per role (``train``, ``eval``), as saved in
-    a run's ``data_summary.json``; the first bad row stops it with the error training would give."""
+    training would, without loading a model, into the tokenized-pair store training then opens.
+    Summaries per role (``train``, ``eval``), as saved in a run's ``data_summary.json``; the first
+    bad row stops it with the error training would give. ``prefopt prepare`` (``command``) is the
+    same but needs the tokenizer: it builds the stores ahead of a (multi-node) launch."""
     if not cfg.dataset:
-        raise ConfigError("prefopt validate needs --dataset")
+        raise ConfigError(f"prefopt {command} needs --dataset")
     cfg.validate(require_paths=False)  # the same key checks as training; a model is not needed to read data
     tokenizer_name = cfg.tokenizer_name_or_path or cfg.model_name_or_path
+    if command == "prepare" and not tokenizer_name:
+        raise ConfigError("prefopt prepare tokenizes: set model_name_or_path or tokenizer_name_or_path")
     tokenizer = None
     if tokenizer_name:
         check_model_paths(cfg)

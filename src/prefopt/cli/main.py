@@ -89,6 +89,49 @@ def _validate(args, unknown) -> int:
     return 0
 
 
+@command("prepare", "Tokenize the datasets into the cached store training opens (run before a multi-node launch).",
+         _validate_args)
+def _prepare(args, unknown) -> int:
+    import json
+
+    from prefopt.data.prepare import summary_text
+    from prefopt.recipes import validate_datasets
+
+    summaries = validate_datasets(config_from_args(args, unknown), command="prepare")
+    if args.json:
+        print(json.dumps(summaries, indent=2))
+    else:
+        for role, s in summaries.items():
+            print(summary_text(role, s))
+    return 0
+
+
+def _cache_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("action", choices=("list", "clear"), help="list the tokenized-pair stores, or remove them all")
+    parser.add_argument("--data_cache_dir", help="The cache directory (default: as data_cache_dir in docs/config.md).")
+
+
+@command("cache", "List or clear the tokenized-pair stores (data_cache_dir).", _cache_args)
+def _cache(args, unknown) -> int:
+    from pathlib import Path
+
+    from prefopt.data.store import clear_stores, default_data_cache_dir, list_stores
+
+    reject_extra(unknown)
+    root = Path(args.data_cache_dir).expanduser() if args.data_cache_dir else default_data_cache_dir()
+    if args.action == "clear":
+        n, freed = clear_stores(root)
+        print(f"prefopt: removed {n} stores ({freed / 2**20:.1f} MiB) from {root}")
+        return 0
+    stores = list_stores(root)
+    print(f"{root}: {len(stores)} stores, {sum(e['bytes'] for e in stores) / 2**20:.1f} MiB")
+    for e in stores:
+        what = (f"{e['pairs']} pairs from {e['source']}, {e['created']}" if e["complete"]
+                else "incomplete (rebuilt when next needed; `prefopt cache clear` removes it)")
+        print(f"  {e['key']}  {e['bytes'] / 2**20:9.1f} MiB  {what}")
+    return 0
+
+
 @command("reward", "Bradley-Terry reward models: train, score a dataset for ODPO, evaluate.", configure_reward)
 def _reward(args, unknown) -> int:
     return run_reward(args, unknown)

@@ -87,8 +87,17 @@ def rows_to_pairs(
         fmt = detect_format(raw, columns)
     if fmt not in FORMATS:
         raise PrefoptError(f"unknown dataset_format {fmt!r}; choose auto or one of {', '.join(FORMATS)}")
+    stats = LoadStats(raw.source, fmt)
+    pairs = convert_rows(raw, fmt, columns, tokenizer, stats)
+    check_some_pairs(stats)
+    return pairs, stats
+
+
+def convert_rows(raw: RawRows, fmt: str, columns: Columns, tokenizer: Any, stats: LoadStats) -> list[PreferencePair]:
+    """The pairs of ``raw`` in format ``fmt`` (not ``auto``), counted into ``stats``. Rows may come
+    in pieces: every format but ``scored_responses`` (which groups rows by prompt across the file)
+    converts each row on its own, so converting the pieces in order gives the same pairs."""
     raw = decode_list_cells(raw, list_columns(fmt, columns))
-    stats = LoadStats(raw.source, fmt, rows_read=len(raw))
     reader = _RowReader(raw, columns, tokenizer, stats)
     pairs = {
         "explicit": reader.explicit,
@@ -97,10 +106,14 @@ def rows_to_pairs(
         "rated": reader.rated,
         "scored_responses": reader.scored_responses,
     }[fmt]()
-    stats.pairs = len(pairs)
-    if not pairs:
-        raise DataError(raw.source, None, None, f"no preference pairs in the dataset ({_dropped_text(stats)})")
-    return pairs, stats
+    stats.rows_read += len(raw)
+    stats.pairs += len(pairs)
+    return pairs
+
+
+def check_some_pairs(stats: LoadStats) -> None:
+    if not stats.pairs:
+        raise DataError(stats.source, None, None, f"no preference pairs in the dataset ({_dropped_text(stats)})")
 
 
 def list_columns(fmt: str, c: Columns) -> list[str]:

@@ -187,45 +187,61 @@ def _row_cost(length: int, hidden: int, pairs: int | None = None) -> float:
 def _segment_pairs(pair: TokenizedPair) -> int:
     """(query, key) pairs a prefix-shared segment's mask allows: prompt and chosen causally, the
     rejected branch causally and to the whole prompt."""
-    n_p, n_c, n_r = len(pair.prompt_ids), len(pair.chosen_ids), len(pair.rejected_ids)
+    return _allowed(len(pair.prompt_ids), len(pair.chosen_ids), len(pair.rejected_ids))
+
+
+def pair_lengths(pairs) -> tuple:
+    """Prompt, chosen and rejected token counts of every pair: from a store's offset columns
+    (``PairStore.lengths``, no pair is built), else from the pairs."""
+    if hasattr(pairs, "lengths"):
+        return pairs.lengths()
+    return ([len(p.prompt_ids) for p in pairs], [len(p.chosen_ids) for p in pairs],
+            [len(p.rejected_ids) for p in pairs])
+
+
+def _allowed(n_p: int, n_c: int, n_r: int) -> int:
+    """``_segment_pairs`` from the three lengths."""
     return _causal(n_p + n_c) + _causal(n_r) + n_r * n_p
 
 
-def estimate_costs(pairs: list[TokenizedPair], batch_size: int, hidden: int, *, samples: int = 64,
+def estimate_costs(pairs, batch_size: int, hidden: int, *, samples: int = 64,
                    seed: int = 0, row_tokens: int = 0, attention: str = "dense") -> dict[str, float]:
     """Mean estimated cost of one batch in each layout, over random batches of the data.
-    ``attention``: ``"dense"`` or ``"allowed"`` (see ``LayoutRule``)."""
+    ``attention``: ``"dense"`` or ``"allowed"`` (see ``LayoutRule``). Only the token counts are
+    read (``pair_lengths``: a store's length columns), never the pairs."""
 
     sparse = attention == "allowed"
+    prompt, chosen, rejected = pair_lengths(pairs)
     rng = random.Random(seed)
     costs = dict.fromkeys(LAYOUTS, 0.0)
-    n = len(pairs)
+    n = len(prompt)
     for _ in range(samples):
-        batch = [pairs[rng.randrange(n)] for _ in range(min(batch_size, n))]
-        plain_rows = [len(p.prompt_ids) + len(r) for p in batch for r in (p.chosen_ids, p.rejected_ids)]
+        batch = [(int(prompt[j]), int(chosen[j]), int(rejected[j]))
+                 for j in [rng.randrange(n) for _ in range(min(batch_size, n))]]
+        plain_rows = [n_p + r for n_p, n_c, n_r in batch for r in (n_c, n_r)]
         plain_width = max(plain_rows)
         costs["plain"] += sum(_row_cost(plain_width, hidden, _causal(r) if sparse else None) for r in plain_rows)
-        by_length = sorted(batch, key=segment_length, reverse=True)
-        lengths = [segment_length(p) for p in by_length]
-        costs["prefix_shared"] += sum(_row_cost(lengths[0], hidden, _segment_pairs(p) if sparse else None)
-                                      for p in by_length)
+        by_length = sorted(batch, key=sum, reverse=True)
+        lengths = [sum(b) for b in by_length]
+        costs["prefix_shared"] += sum(_row_cost(lengths[0], hidden, _allowed(*b) if sparse else None)
+                                      for b in by_length)
         capacity = max(row_tokens, lengths[0])
         room: list[int] = []
         allowed: list[int] = []
-        for p, length in zip(by_length, lengths):
+        for b, length in zip(by_length, lengths):
             for r, free in enumerate(room):
                 if length <= free:
                     room[r] -= length
-                    allowed[r] += _segment_pairs(p)
+                    allowed[r] += _allowed(*b)
                     break
             else:
                 room.append(capacity - length)
-                allowed.append(_segment_pairs(p))
+                allowed.append(_allowed(*b))
         costs["packed"] += sum(_row_cost(capacity, hidden, a if sparse else None) for a in allowed)
     return {k: v / samples for k, v in costs.items()}
 
 
-def choose_layout(requested: str, pairs: list[TokenizedPair], batch_size: int, *, attn_impl: str = "sdpa",
+def choose_layout(requested: str, pairs, batch_size: int, *, attn_impl: str = "sdpa",
                   hidden_size: int = 1024, row_tokens: int = 0, device_type: str = "cpu") -> str:
     """``requested`` itself, or for ``auto`` the layout with the lowest estimated cost under the
     rule for ``device_type`` and ``attn_impl`` (``LAYOUT_RULES``: how attention is costed, and how

@@ -3,14 +3,34 @@ kept and dropped (printed by every command, saved as a run's ``data_summary.json
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import json
 import random
+from collections import deque
+from pathlib import Path
 from typing import Any
 
-from prefopt.data.formats import Columns, load_pairs
+from tqdm.auto import tqdm
+
+from prefopt.data.formats import FORMATS, Columns, LoadStats, check_some_pairs, convert_rows, detect_format
 from prefopt.data.records import PreferencePair
-from prefopt.data.tokenize import TokenizedPair, tokenize_pairs
-from prefopt.errors import DataError
+from prefopt.data.sources import IN_MEMORY, RawRows, iter_row_chunks
+from prefopt.data.store import (
+    PAIRS_FILE,
+    PairStore,
+    build_temporary,
+    cache_root,
+    encode_pairs,
+    get_or_build,
+    record_batch,
+    source_fingerprint,
+    store_key,
+    tokenizer_fingerprint,
+    write_pairs_file,
+)
+from prefopt.data.tokenize import TokenizeStats, tokenize_pairs
+from prefopt.errors import DataError, PrefoptError
 from prefopt.losses.combine import loss_needs_scores
 
 
@@ -44,35 +64,153 @@ def apply_score_policy(pairs: list[PreferencePair], cfg) -> tuple[list[Preferenc
     return kept, affected
 
 
-def prepare_dataset(cfg, spec, split: str, tokenizer, *, score_policy: bool = True) -> tuple[list[TokenizedPair], dict]:
+CHUNK_ROWS = 1000  # rows converted and tokenized at a time: bounds memory, keeps the fast tokenizer busy
+
+
+def data_settings(cfg, score_policy: bool) -> dict[str, Any]:
+    """Every setting that changes which pairs a dataset gives and their tokens (part of the key of
+    the tokenized-pair store)."""
+    needs_scores = score_policy and loss_needs_scores(cfg.loss_type, cfg.use_offset)
+    return {"format": cfg.dataset_format, "columns": dataclasses.asdict(Columns.from_config(cfg)),
+            "max_length": cfg.max_length, "max_prompt_length": cfg.max_prompt_length,
+            "scores": cfg.nonpositive_score_diff if needs_scores else "off"}
+
+
+def prepare_dataset(cfg, spec, split: str, tokenizer, *, score_policy: bool = True) -> tuple[PairStore, dict]:
     """Read, validate, convert and tokenize one dataset; return the pairs and a summary.
 
-    ``spec`` is a path or hub id, or rows in memory (a list of dicts, a ``datasets.Dataset``).
+    The pairs come from the tokenized-pair store (``data/store.py``): opened when one with the
+    same data, tokenizer and settings exists, else built in chunks (``dataset_num_proc`` worker
+    processes) and kept for later runs (``data_cache``). ``spec`` is a path or hub id, or rows in
+    memory (a list of dicts, a ``datasets.Dataset``; these get a store for this run only).
     ``score_policy=False`` keeps every labelled pair whatever its scores (reward models and their
     evaluation: ODPO's rule on score differences is no business of theirs)."""
-    pairs, load_stats = load_pairs(
-        spec, split=split, fmt=cfg.dataset_format, columns=Columns.from_config(cfg), tokenizer=tokenizer
-    )
-    pairs, nonpositive = apply_score_policy(pairs, cfg) if score_policy else (pairs, 0)
-    tokenized, tok_stats = tokenize_pairs(
-        pairs, tokenizer, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length
-    )
-    summary = {**load_stats.as_dict(), "nonpositive_score_diff": nonpositive,
-               "nonpositive_policy": cfg.nonpositive_score_diff if nonpositive else None,
-               "tokenization": tok_stats.as_dict()}
-    if not tokenized:
+    source = str(spec) if isinstance(spec, str | Path) else IN_MEMORY
+
+    def build(directory: Path) -> tuple[int, dict]:
+        return _build(cfg, spec, split, tokenizer, score_policy, directory)
+
+    root = cache_root(cfg)
+    data = source_fingerprint(spec, split, root / "digests") if cfg.data_cache else None
+    if data is not None:
+        parts = {"data": data, "tokenizer": tokenizer_fingerprint(tokenizer),
+                 "settings": data_settings(cfg, score_policy)}
+        key = store_key(parts)
+        directory, manifest, hit = get_or_build(root, key, build)
+        cache = "hit" if hit else "built"
+    else:
+        directory, manifest = build_temporary(build)
+        key, cache = None, "off"
+    # The store may have been built from a copy of the file elsewhere: name the file of this run.
+    summary = {**manifest["summary"], "source": source, "store": {"cache": cache, "path": str(directory)}}
+    store = PairStore.open(directory, source=source, row_label=manifest["row_label"], fingerprint=key)
+    return store, summary
+
+
+def _build(cfg, spec, split: str, tokenizer, score_policy: bool, directory: Path) -> tuple[int, dict]:
+    """Stream ``spec`` in chunks through conversion, the score policy and tokenization into
+    ``directory``'s pairs file; the summary is that of converting the whole file at once."""
+    columns = Columns.from_config(cfg)
+    chunks = iter_row_chunks(spec, split, CHUNK_ROWS)
+    first = next(chunks, None)
+    if first is None:
+        raise DataError(str(spec) if isinstance(spec, str | Path) else IN_MEMORY, None, None, "the dataset is empty")
+    fmt = detect_format(first, columns) if cfg.dataset_format == "auto" else cfg.dataset_format
+    if fmt not in FORMATS:
+        raise PrefoptError(f"unknown dataset_format {fmt!r}; choose auto or one of {', '.join(FORMATS)}")
+    chunks = itertools.chain([first], chunks)
+    if fmt == "scored_responses":  # rows are grouped by prompt across the whole file
+        chunks = iter([RawRows(first.source, first.row_label, [r for c in chunks for r in c.rows])])
+    worker = _ChunkWorker(cfg, tokenizer, fmt, columns, score_policy)
+    load, tok, nonpositive = LoadStats(first.source, fmt), TokenizeStats(), 0
+    progress = tqdm(desc="tokenizing", unit=" rows", disable=None if cfg.progress_bar else True,
+                    dynamic_ncols=True, leave=False)
+
+    def batches():
+        nonlocal nonpositive
+        for rows_in, encoded, load_part, nonpositive_part, tok_part in _map_chunks(worker, chunks,
+                                                                                   cfg.dataset_num_proc or 1):
+            encoded["index"] += tok.pairs_in  # tokenize_pairs numbered the chunk's pairs from 0
+            load.rows_read += load_part.rows_read
+            load.pairs += load_part.pairs
+            load.dropped.update(load_part.dropped)
+            nonpositive += nonpositive_part
+            for name in ("pairs_in", "pairs_kept", "prompt_truncated", "completion_truncated"):
+                setattr(tok, name, getattr(tok, name) + getattr(tok_part, name))
+            tok.dropped.update(tok_part.dropped)
+            progress.update(rows_in)
+            if len(encoded["index"]):
+                yield record_batch(encoded)
+
+    try:
+        num_pairs = write_pairs_file(directory / PAIRS_FILE, batches())
+    finally:
+        progress.close()
+    check_some_pairs(load)
+    if not num_pairs:
         raise DataError(
-            load_stats.source, None, None,
-            f"every pair was dropped ({json.dumps(tok_stats.as_dict()['dropped'])}); "
+            load.source, None, None,
+            f"every pair was dropped ({json.dumps(tok.as_dict()['dropped'])}); "
             f"raise max_length ({cfg.max_length}) or "
             + (f"lower max_prompt_length ({cfg.max_prompt_length})" if cfg.max_prompt_length is not None
                else "set max_prompt_length to cut long prompts"),
         )
-    return tokenized, summary
+    summary = {**load.as_dict(), "nonpositive_score_diff": nonpositive,
+               "nonpositive_policy": cfg.nonpositive_score_diff if nonpositive else None,
+               "tokenization": tok.as_dict()}
+    return num_pairs, {"summary": summary, "row_label": first.row_label}
+
+
+class _ChunkWorker:
+    """Rows -> pairs -> score policy -> tokens, for one chunk; runs in the main process or in a
+    worker (everything it holds pickles: the config, the tokenizer)."""
+
+    def __init__(self, cfg, tokenizer, fmt: str, columns: Columns, score_policy: bool):
+        self.cfg, self.tokenizer, self.fmt, self.columns, self.score_policy = cfg, tokenizer, fmt, columns, score_policy
+
+    def __call__(self, raw: RawRows):
+        load = LoadStats(raw.source, self.fmt)
+        pairs = convert_rows(raw, self.fmt, self.columns, self.tokenizer, load)
+        pairs, nonpositive = apply_score_policy(pairs, self.cfg) if self.score_policy else (pairs, 0)
+        tokenized, tok = tokenize_pairs(pairs, self.tokenizer, max_length=self.cfg.max_length,
+                                        max_prompt_length=self.cfg.max_prompt_length)
+        return len(raw), encode_pairs(tokenized), load, nonpositive, tok
+
+
+_WORKER: _ChunkWorker | None = None
+
+
+def _init_worker(worker: _ChunkWorker) -> None:
+    global _WORKER
+    _WORKER = worker
+
+
+def _run_worker(raw: RawRows):
+    return _WORKER(raw)
+
+
+def _map_chunks(worker: _ChunkWorker, chunks, num_proc: int):
+    """``worker`` over ``chunks``, results in input order (so the first bad row in the file is the
+    one reported). With ``num_proc > 1`` the chunks go to worker processes, at most two per worker
+    in flight, so reading never runs ahead of tokenizing and memory stays bounded."""
+    if num_proc <= 1:
+        yield from map(worker, chunks)
+        return
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+    with ctx.Pool(num_proc, initializer=_init_worker, initargs=(worker,)) as pool:
+        pending: deque = deque()
+        for raw in chunks:
+            pending.append(pool.apply_async(_run_worker, (raw,)))
+            if len(pending) >= 2 * num_proc:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
 
 
 def prepare_train_eval(cfg, tokenizer, *, train_data=None, eval_data=None, score_policy: bool = True
-                       ) -> tuple[list[TokenizedPair], list[TokenizedPair] | None, dict]:
+                       ) -> tuple[PairStore, PairStore | None, dict]:
     """The training pairs, the eval pairs (or None) and their summaries. ``train_data`` /
     ``eval_data`` are rows in memory that take the place of ``cfg.dataset`` / ``cfg.eval_dataset``."""
     train_spec = train_data if train_data is not None else cfg.dataset
@@ -113,6 +251,10 @@ def summary_line(role: str, s: dict) -> str:
         parts.append(f"truncated {tok['prompt_truncated']} prompts, {tok['completion_truncated']} completions")
     if s.get("nonpositive_score_diff") and s.get("nonpositive_policy") == "clamp":
         parts.append(f"clamped {s['nonpositive_score_diff']} offsets")
+    store = s.get("store")
+    if store and store["cache"] != "off":
+        parts.append(("tokenized pairs reused from " if store["cache"] == "hit" else "tokenized pairs stored in ")
+                     + store["path"])
     if s.get("evaluated_pairs") is not None:
         parts.append(f"evaluating a seeded subset of {s['evaluated_pairs']} pairs (eval_max_pairs)")
     return "; ".join(parts)

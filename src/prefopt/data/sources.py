@@ -81,7 +81,10 @@ def _decode_lines(spec: str, path: Path) -> Iterator[tuple[int, str]]:
 
 
 def _read_jsonl(spec: str, path: Path) -> RawRows:
-    rows = []
+    return RawRows(spec, "line", list(_iter_jsonl(spec, path)))
+
+
+def _iter_jsonl(spec: str, path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     for lineno, line in _decode_lines(spec, path):
         if lineno == 1:
             line = line.lstrip("\ufeff")
@@ -95,8 +98,7 @@ def _read_jsonl(spec: str, path: Path) -> RawRows:
             raise DataError(spec, lineno, None, TOO_DEEP, "line") from None
         if not isinstance(obj, dict):
             raise DataError(spec, lineno, None, f"expected a JSON object, got {type(obj).__name__}", "line")
-        rows.append((lineno, obj))
-    return RawRows(spec, "line", rows)
+        yield lineno, obj
 
 
 def _read_json(spec: str, path: Path) -> RawRows:
@@ -174,6 +176,20 @@ def _json_list(value: Any) -> Any:
     return value
 
 
+def _iter_parquet(spec: str, path: Path, batch_rows: int) -> Iterator[tuple[int, dict[str, Any]]]:
+    import pyarrow.parquet as pq
+
+    try:
+        batches = pq.ParquetFile(path).iter_batches(batch_size=batch_rows)
+        i = 0
+        for batch in batches:
+            for r in batch.to_pylist():
+                i += 1
+                yield i, _plain(r)
+    except Exception as e:  # pyarrow raises several types for a damaged file
+        raise DataError(spec, None, None, f"cannot read Parquet: {e}") from None
+
+
 def _read_parquet(spec: str, path: Path) -> RawRows:
     import pyarrow.parquet as pq
 
@@ -235,3 +251,27 @@ def _read_hub_dataset(spec: str, split: str) -> RawRows:
     except Exception as e:
         raise PrefoptError(f"dataset not found or not loadable: {spec} ({type(e).__name__}: {e})") from None
     return RawRows(spec, "row", [(i, dict(r)) for i, r in enumerate(ds, start=1)])
+
+
+def iter_row_chunks(spec, split: str = "train", chunk_rows: int = 1000) -> Iterator[RawRows]:
+    """``read_rows`` in pieces of at most ``chunk_rows`` rows, with the same row numbers and errors.
+    JSONL and Parquet files are streamed (memory does not grow with the file); the other sources
+    are read whole first (a JSON document or CSV file is parsed at once anyway)."""
+    rows: Iterator[tuple[int, dict[str, Any]]]
+    path = Path(spec) if isinstance(spec, str | Path) else None
+    suffix = "".join(path.suffixes[-1:]).lower() if path is not None and path.is_file() else ""
+    if suffix in (".jsonl", ".ndjson"):
+        source, label, rows = str(spec), "line", _iter_jsonl(str(spec), path)
+    elif suffix == ".parquet":
+        source, label, rows = str(spec), "row", _iter_parquet(str(spec), path, chunk_rows)
+    else:
+        raw = read_rows(spec, split)
+        source, label, rows = raw.source, raw.row_label, iter(raw.rows)
+    chunk: list[tuple[int, dict[str, Any]]] = []
+    for item in rows:
+        chunk.append(item)
+        if len(chunk) >= chunk_rows:
+            yield RawRows(source, label, chunk)
+            chunk = []
+    if chunk:
+        yield RawRows(source, label, chunk)

@@ -24,6 +24,7 @@ class TokenizedPair:
     score_chosen: float | None
     score_rejected: float | None
     index: int  # position of the pair in the list it was tokenized from (input order)
+    row: int = 0  # the file's line or row the pair came from (errors after tokenization name it)
 
 
 @dataclass
@@ -99,6 +100,6 @@ def tokenize_pairs(
         if chosen == rejected:
             stats.dropped["responses identical after truncation"] += 1
             continue
-        out.append(TokenizedPair(prompt, chosen, rejected, pair.score_chosen, pair.score_rejected, i))
+        out.append(TokenizedPair(prompt, chosen, rejected, pair.score_chosen, pair.score_rejected, i, pair.row))
     stats.pairs_kept = len(out)
     return out, stats

@@ -78,7 +78,11 @@ def model_fingerprint(name_or_path: str) -> str:
 
 def pairs_fingerprint(pairs: list[TokenizedPair]) -> str:
     """A hash of the exact token ids the reference scores (data + tokenizer + truncation); the
-    scores are left out, the reference's log-probs do not depend on them."""
+    scores are left out, the reference's log-probs do not depend on them. A cached tokenized-pair
+    store is named by a key of exactly those inputs, so its key stands for its pairs (no pass over
+    a million pairs to hash them)."""
+    if getattr(pairs, "fingerprint", None):
+        return hashlib.sha256(f"pair-store:{pairs.fingerprint}".encode()).hexdigest()
     return data_fingerprint(pairs, scores=False)
 
 
@@ -255,8 +259,14 @@ def cached_reference(cfg, policy, train_pairs: list[TokenizedPair], eval_pairs: 
                                per_token=per_token)
     parts = [(tables[0], 0)]
     if eval_pairs:
-        offset = 1 + max(p.index for p in train_pairs)
-        eval_pairs = [dataclasses.replace(p, index=p.index + offset) for p in eval_pairs]
+        if hasattr(train_pairs, "indices"):  # stores: from the index column, the pairs stay on disk
+            offset = 1 + int(train_pairs.indices().max())
+        else:
+            offset = 1 + max(p.index for p in train_pairs)
+        if hasattr(eval_pairs, "with_index_offset"):
+            eval_pairs = eval_pairs.with_index_offset(offset)
+        else:
+            eval_pairs = [dataclasses.replace(p, index=p.index + offset) for p in eval_pairs]
         parts.append((tables[1], offset))
     if accelerator.is_main_process:
         how = "reused" if stats["misses"] == 0 else ("computed" if stats["hits"] == 0 else "partly reused")

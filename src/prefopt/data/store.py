@@ -1,0 +1,436 @@
+"""Tokenized pairs on disk: built once, memory-mapped by every process and every later run.
+
+A store is one directory ``<data_cache_dir>/<key>/`` holding
+
+- ``pairs.arrow``: an Arrow IPC stream (the format ``datasets`` writes, so
+  ``datasets.Dataset.from_file`` reads it too) with one row per kept pair: ``prompt_ids``,
+  ``chosen_ids``, ``rejected_ids`` (int32 lists, exactly ``TokenizedPair``'s), ``score_chosen``,
+  ``score_rejected`` (float64, null without scores), ``index`` (the pair's position in input
+  order, as ``tokenize_pairs`` numbers it) and ``row`` (the file's line or row the pair came from);
+- ``manifest.json``, written last: the key's parts, the pair count, the file's size and checksum
+  and the data summary (printed again on every hit).
+
+The key hashes the data file's bytes, the tokenizer (its whole serialized vocabulary, merges and
+normalizers, special tokens, chat template) and every setting that changes the pairs, so a run
+with the same inputs opens the store in seconds and any change builds another one. A store is
+built in a temporary directory beside its final name and renamed into place under a file lock:
+one process builds while the others wait, then they all map the same file. A directory under the
+final name that fails its checks (missing manifest, wrong size, checksum or pair count) is
+rebuilt. ``PairStore`` reads the mapped columns lazily, so a process holds the batches it works
+on, not the dataset.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import xxhash
+
+from prefopt.data.tokenize import TokenizedPair, adds_bos
+from prefopt.errors import PrefoptError
+
+STORE_VERSION = 1
+PAIRS_FILE = "pairs.arrow"
+MANIFEST = "manifest.json"
+ID_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
+SCHEMA = pa.schema([
+    *((name, pa.list_(pa.int32())) for name in ID_COLUMNS),
+    ("score_chosen", pa.float64()),
+    ("score_rejected", pa.float64()),
+    ("index", pa.int64()),
+    ("row", pa.int64()),
+])
+
+
+def default_data_cache_dir() -> Path:
+    """``$PREFOPT_CACHE_DIR/data``, else ``$XDG_CACHE_HOME/prefopt/data``, else
+    ``~/.cache/prefopt/data`` (beside the reference log-prob cache)."""
+    if os.environ.get("PREFOPT_CACHE_DIR"):
+        return Path(os.environ["PREFOPT_CACHE_DIR"]) / "data"
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "prefopt" / "data"
+
+
+def cache_root(cfg) -> Path:
+    return Path(cfg.data_cache_dir).expanduser() if cfg.data_cache_dir else default_data_cache_dir()
+
+
+# ------------------------------------------------------------------------------------------------
+# Key parts
+
+
+def _hash_file(h, path: Path) -> None:
+    with path.open("rb") as fh:
+        while block := fh.read(1 << 24):
+            h.update(block)
+
+
+# Files at least this large have their digest remembered by (path, size, mtime, inode), so a cache
+# hit on a multi-GB file does not read it again. Any write changes the mtime, and writing this much
+# takes far longer than the filesystem's timestamp granularity, so a rewritten file is never
+# mistaken for the old one; smaller files are cheap to hash every time.
+REMEMBER_BYTES = 64 << 20
+
+
+def _file_identity(path: Path) -> str:
+    st = path.stat()
+    return f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}:{st.st_ino}"
+
+
+def file_digest(path: Path, memo_dir: Path | None = None) -> str:
+    """xxh3-128 of a file's bytes; remembered under ``memo_dir`` for large files."""
+    memo = None
+    if memo_dir is not None and path.stat().st_size >= REMEMBER_BYTES:
+        ident = _file_identity(path)
+        memo = memo_dir / f"{xxhash.xxh3_64_hexdigest(ident.encode())}.json"
+        try:
+            record = json.loads(memo.read_text())
+            if record["identity"] == ident:
+                return record["digest"]
+        except (OSError, ValueError, KeyError):
+            pass
+    h = xxhash.xxh3_128()
+    _hash_file(h, path)
+    digest = h.hexdigest()
+    if memo is not None:
+        try:
+            memo_dir.mkdir(parents=True, exist_ok=True)
+            tmp = memo.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps({"identity": ident, "digest": digest}))
+            os.replace(tmp, memo)
+        except OSError:
+            pass  # a read-only cache only costs the next run a re-hash
+    return digest
+
+
+def source_fingerprint(spec, split: str, memo_dir: Path | None = None) -> dict[str, Any] | None:
+    """What identifies a dataset's content: a hash of a file's bytes (and its suffix, which picks
+    the reader), or of every file of a ``save_to_disk`` directory and the split. ``None`` for rows
+    in memory and hub ids, which are then not cached (a temporary store serves the run)."""
+    if not isinstance(spec, str | Path):
+        return None
+    path = Path(spec)
+    if path.is_file():
+        return {"file": file_digest(path, memo_dir), "suffix": path.suffix.lower()}
+    if path.is_dir():
+        h = xxhash.xxh3_128()
+        for file in sorted(p for p in path.rglob("*") if p.is_file()):
+            h.update(str(file.relative_to(path)).encode() + b"\0" + file_digest(file, memo_dir).encode())
+        return {"directory": h.hexdigest(), "split": split}
+    return None
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """Everything of a tokenizer that can change token ids: the serialized fast tokenizer (vocab,
+    merges, normalizer, pre-tokenizer, added tokens) or a slow one's vocabulary, its special tokens,
+    chat template and whether it adds BOS itself."""
+    h = xxhash.xxh3_128(type(tokenizer).__name__.encode())
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        h.update(backend.to_str().encode())
+    else:
+        h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+    extra = {
+        "special": getattr(tokenizer, "special_tokens_map", None),
+        "chat_template": getattr(tokenizer, "chat_template", None),
+        "bos": tokenizer.bos_token_id, "eos": tokenizer.eos_token_id, "adds_bos": adds_bos(tokenizer),
+    }
+    h.update(json.dumps(extra, sort_keys=True, default=str).encode())
+    return h.hexdigest()
+
+
+def store_key(parts: dict[str, Any]) -> str:
+    return xxhash.xxh3_128(json.dumps({"version": STORE_VERSION, **parts}, sort_keys=True).encode()).hexdigest()
+
+
+# ------------------------------------------------------------------------------------------------
+# Reading
+
+
+class PairStore(Sequence):
+    """The tokenized pairs of one dataset, read from a memory-mapped Arrow file: ``len``,
+    ``store[i]`` (a ``TokenizedPair``), slices (lists) and iteration, like the list it replaces.
+    Token ids stay in the mapped file until a batch asks for them; ``lengths()`` gives the token
+    counts as arrays without building a single pair."""
+
+    def __init__(self, table: pa.Table, *, source: str, row_label: str = "row", fingerprint: str | None = None,
+                 path: Path | None = None, index_offset: int = 0):
+        self.table, self.source, self.row_label = table, source, row_label
+        self.fingerprint, self.path, self.index_offset = fingerprint, path, index_offset
+        self._chunks = []  # per record batch: ({column: (offsets, values)}, first pair)
+        starts = [0]
+        for batch in table.to_batches():
+            cols = {}
+            for name in ID_COLUMNS:
+                arr = batch.column(name)
+                cols[name] = (arr.offsets.to_numpy(), arr.values.to_numpy())
+            self._chunks.append(cols)
+            starts.append(starts[-1] + batch.num_rows)
+        self._starts = np.asarray(starts, dtype=np.int64)
+        self._scores = tuple(
+            table.column(c).to_numpy().astype(np.float64) if table.num_rows else np.zeros(0)
+            for c in ("score_chosen", "score_rejected")
+        )
+        self._index = table.column("index").to_numpy() if table.num_rows else np.zeros(0, dtype=np.int64)
+        self._row = table.column("row").to_numpy() if table.num_rows else np.zeros(0, dtype=np.int64)
+
+    @classmethod
+    def open(cls, path: Path, *, source: str, row_label: str = "row", fingerprint: str | None = None) -> PairStore:
+        # Zero-copy: the table's buffers point into the map, which stays open as long as they live.
+        table = pa.ipc.open_stream(pa.memory_map(str(path / PAIRS_FILE), "r")).read_all()
+        return cls(table, source=source, row_label=row_label, fingerprint=fingerprint, path=path)
+
+    def with_index_offset(self, offset: int) -> PairStore:
+        """The same pairs, their ``index`` shifted by ``offset`` (eval pairs next to training
+        pairs in one reference table), without copying the data."""
+        return PairStore(self.table, source=self.source, row_label=self.row_label,
+                         fingerprint=None if self.fingerprint is None else f"{self.fingerprint}+{offset}",
+                         path=self.path, index_offset=self.index_offset + offset)
+
+    def __len__(self) -> int:
+        return int(self._starts[-1])
+
+    def _pair(self, i: int) -> TokenizedPair:
+        c = int(np.searchsorted(self._starts, i, side="right")) - 1
+        j = i - int(self._starts[c])
+        ids = []
+        for name in ID_COLUMNS:
+            offsets, values = self._chunks[c][name]
+            ids.append(values[offsets[j]:offsets[j + 1]].tolist())
+        sc, sr = float(self._scores[0][i]), float(self._scores[1][i])
+        return TokenizedPair(ids[0], ids[1], ids[2], None if np.isnan(sc) else sc, None if np.isnan(sr) else sr,
+                             int(self._index[i]) + self.index_offset, int(self._row[i]))
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self._pair(j) for j in range(*i.indices(len(self)))]
+        i = int(i)
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(f"pair {i} out of range ({len(self)} pairs)")
+        return self._pair(i)
+
+    def __iter__(self) -> Iterator[TokenizedPair]:
+        for i in range(len(self)):
+            yield self._pair(i)
+
+    def lengths(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Token counts of every pair's prompt, chosen and rejected response, from the offsets."""
+        out = []
+        for name in ID_COLUMNS:
+            parts = [np.diff(chunk[name][0]) for chunk in self._chunks]
+            out.append(np.concatenate(parts) if parts else np.zeros(0, dtype=np.int32))
+        return out[0], out[1], out[2]
+
+    def indices(self) -> np.ndarray:
+        """Every pair's ``index``."""
+        return self._index + self.index_offset
+
+    def scores(self) -> tuple[np.ndarray, np.ndarray]:
+        """``score_chosen`` and ``score_rejected`` of every pair (NaN where a pair has none)."""
+        return self._scores
+
+
+# ------------------------------------------------------------------------------------------------
+# Writing
+
+
+def record_batch(encoded: dict[str, np.ndarray]) -> pa.RecordBatch:
+    """An Arrow batch from ``encode_pairs``' arrays."""
+    arrays = []
+    for name in ID_COLUMNS:
+        lengths = encoded[f"{name}_lengths"]
+        offsets = np.zeros(len(lengths) + 1, dtype=np.int32)
+        np.cumsum(lengths, out=offsets[1:])
+        arrays.append(pa.ListArray.from_arrays(pa.array(offsets), pa.array(encoded[name], type=pa.int32())))
+    for name in ("score_chosen", "score_rejected"):
+        # NaN marks "no score"; a list with None keeps pyarrow from importing pandas for the mask.
+        arrays.append(pa.array([None if v != v else v for v in encoded[name].tolist()], type=pa.float64()))
+    arrays.append(pa.array(encoded["index"], type=pa.int64()))
+    arrays.append(pa.array(encoded["row"], type=pa.int64()))
+    return pa.RecordBatch.from_arrays(arrays, schema=SCHEMA)
+
+
+def encode_pairs(pairs: list[TokenizedPair], index_offset: int = 0) -> dict[str, np.ndarray]:
+    """Flat numpy arrays for a list of pairs (cheap to send from a worker process)."""
+    out: dict[str, np.ndarray] = {}
+    for name in ID_COLUMNS:
+        lists = [getattr(p, name) for p in pairs]
+        lengths = np.fromiter((len(x) for x in lists), dtype=np.int64, count=len(lists))
+        out[f"{name}_lengths"] = lengths
+        values = np.empty(int(lengths.sum()), dtype=np.int32)
+        at = 0
+        for x, n in zip(lists, lengths):
+            values[at:at + n] = x
+            at += n
+        out[name] = values
+    nan = float("nan")
+    out["score_chosen"] = np.array([nan if p.score_chosen is None else p.score_chosen for p in pairs], dtype=np.float64)
+    out["score_rejected"] = np.array([nan if p.score_rejected is None else p.score_rejected for p in pairs],
+                                     dtype=np.float64)
+    out["index"] = np.array([p.index + index_offset for p in pairs], dtype=np.int64)
+    out["row"] = np.array([p.row for p in pairs], dtype=np.int64)
+    return out
+
+
+def write_pairs_file(path: Path, batches: Iterable[pa.RecordBatch]) -> int:
+    """Write the batches as one Arrow stream; returns the pair count."""
+    n = 0
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, SCHEMA) as writer:
+        for batch in batches:
+            writer.write_batch(batch)
+            n += batch.num_rows
+    return n
+
+
+def _checksum(path: Path) -> str:
+    h = xxhash.xxh3_64()
+    _hash_file(h, path)
+    return h.hexdigest()
+
+
+def _finish(directory: Path, num_pairs: int, manifest: dict[str, Any]) -> dict[str, Any]:
+    """Write the manifest (the completion marker) once the pairs file is complete and synced."""
+    pairs = directory / PAIRS_FILE
+    with pairs.open("rb") as fh:
+        os.fsync(fh.fileno())
+    st = pairs.stat()
+    manifest = {**manifest, "version": STORE_VERSION, "num_pairs": num_pairs, "bytes": st.st_size,
+                "mtime_ns": st.st_mtime_ns, "checksum": _checksum(pairs),
+                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    tmp = directory / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+    os.replace(tmp, directory / MANIFEST)
+    return manifest
+
+
+def read_manifest(directory: Path, *, verify: bool = True) -> dict[str, Any] | None:
+    """The manifest of a complete, intact store, else ``None`` (missing, half-written or damaged:
+    the pairs file's size, checksum and pair count must match the manifest). The checksum is
+    skipped for a large file whose modification time is still the one recorded at the build (it
+    has not been written since, see ``REMEMBER_BYTES``): a hit on a multi-GB store stays fast."""
+    try:
+        manifest = json.loads((directory / MANIFEST).read_text())
+        pairs = directory / PAIRS_FILE
+        st = pairs.stat()
+        if manifest.get("version") != STORE_VERSION or st.st_size != manifest["bytes"]:
+            return None
+        unchanged = st.st_size >= REMEMBER_BYTES and st.st_mtime_ns == manifest.get("mtime_ns")
+        if verify and not unchanged and _checksum(pairs) != manifest["checksum"]:
+            return None
+        with pa.memory_map(str(pairs), "r") as fh:
+            if pa.ipc.open_stream(fh).read_all().num_rows != manifest["num_pairs"]:
+                return None
+    except (OSError, ValueError, KeyError, pa.ArrowException):
+        return None
+    return manifest
+
+
+# ------------------------------------------------------------------------------------------------
+# Get or build
+
+
+Builder = Callable[[Path], tuple[int, dict[str, Any]]]  # writes PAIRS_FILE into a directory -> (pairs, manifest)
+
+
+def get_or_build(root: Path, key: str, build: Builder) -> tuple[Path, dict[str, Any], bool]:
+    """The store ``root/key``: opened when complete and intact, else built by ``build`` into a
+    temporary directory and renamed into place. A file lock makes concurrent processes (the ranks
+    of a run, or two runs) wait for one build. Returns (directory, manifest, hit)."""
+    from filelock import FileLock
+
+    final = root / key
+    manifest = read_manifest(final)
+    if manifest is not None:
+        return final, manifest, True
+    check_writable(root)
+    if not os.access(root, os.W_OK):
+        raise PrefoptError(f"data_cache_dir {root} is not writable and holds no store for this data and these "
+                           "settings: build it where it is writable (prefopt prepare), set data_cache_dir, or "
+                           "data_cache: false")
+    with FileLock(str(root / f"{key}.lock")):
+        manifest = read_manifest(final)  # another process may have built it while we waited
+        if manifest is not None:
+            return final, manifest, True
+        for stale in root.glob(f".tmp-{key}-*"):  # a build killed before its rename
+            shutil.rmtree(stale, ignore_errors=True)
+        if final.exists():  # damaged or half-written by something other than this code: rebuild
+            shutil.rmtree(final)
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{key}-", dir=root))
+        try:
+            num_pairs, manifest = build(tmp)
+            manifest = _finish(tmp, num_pairs, manifest)
+            os.rename(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return final, manifest, False
+
+
+def build_temporary(build: Builder) -> tuple[Path, dict[str, Any]]:
+    """A store that is not cached (``data_cache: false``, rows in memory): built in a temporary
+    directory that is removed when the process exits (the open mapping stays valid until then)."""
+    import atexit
+
+    tmp = Path(tempfile.mkdtemp(prefix="prefopt-pairs-"))
+    atexit.register(shutil.rmtree, tmp, True)
+    try:
+        num_pairs, manifest = build(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return tmp, {**manifest, "num_pairs": num_pairs}
+
+
+# ------------------------------------------------------------------------------------------------
+# Listing and clearing (``prefopt cache``)
+
+
+def list_stores(root: Path) -> list[dict[str, Any]]:
+    out = []
+    if not root.is_dir():
+        return out
+    for d in sorted(p for p in root.iterdir() if p.is_dir() and p.name != "digests"):
+        size = sum(f.stat().st_size for f in d.rglob("*") if f.is_file())
+        manifest = None if d.name.startswith(".tmp-") else read_manifest(d, verify=False)
+        entry = {"key": d.name, "path": str(d), "bytes": size, "complete": manifest is not None}
+        if manifest is not None:
+            entry.update(source=manifest.get("summary", {}).get("source"), pairs=manifest["num_pairs"],
+                         created=manifest.get("created"))
+        out.append(entry)
+    return out
+
+
+def clear_stores(root: Path) -> tuple[int, int]:
+    """Remove every store (and leftover temporary build) under ``root``; returns (stores, bytes)."""
+    n = freed = 0
+    if not root.is_dir():
+        return 0, 0
+    for d in root.iterdir():
+        if d.is_dir() and (len(d.name) == 32 or d.name.startswith(".tmp-")):
+            freed += sum(f.stat().st_size for f in d.rglob("*") if f.is_file())
+            shutil.rmtree(d, ignore_errors=True)
+            n += 1
+        elif d.suffix == ".lock":
+            d.unlink(missing_ok=True)
+        elif d.name == "digests":  # remembered digests of large data files
+            shutil.rmtree(d, ignore_errors=True)
+    return n, freed
+
+
+def check_writable(root: Path) -> None:
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise PrefoptError(f"data_cache_dir {root}: cannot create it ({e.strerror}); set data_cache_dir or "
+                           "data_cache: false") from None
