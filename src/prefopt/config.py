@@ -240,10 +240,6 @@ class TrainConfig:
     logging_steps: int = opt(10, "Log metrics every N optimizer steps.", group="output")
     eval_steps: int = opt(0, "Evaluate every N steps (0: only at the end, if eval_dataset).", group="output")
     save_steps: int = opt(500, "Checkpoint every N steps (0: no intermediate checkpoints).", group="output")
-    report_to: str = opt(
-        "auto", "Extra loggers: auto (TensorBoard if installed), tensorboard, none.",
-        choices=("auto", "tensorboard", "none"), group="output",
-    )
     progress_bar: bool = opt(True, "Show a progress bar on the terminal.", group="output",
                              commands=(*TRAINING, REWARD_SCORE, REWARD_EVAL))
     # --- reliability: resume, checkpoints, output directory, NaN guard ---
@@ -265,6 +261,27 @@ class TrainConfig:
         choices=("stop", "skip"),
     )
     max_skipped_steps: int = opt(10, "With on_nonfinite: skip, stop anyway after this many skipped steps.")
+    # --- trackers and evaluation ---
+    report_to: str = opt(
+        "auto", "Trackers, through Accelerate (TRL's convention): a name or a list of tensorboard, wandb, mlflow, "
+        "trackio, comet_ml, aim, clearml, dvclive, swanlab; `all` (every installed one), `none`, or `auto` "
+        "(TensorBoard if installed). Metric names are metrics.jsonl's; the resolved config is logged as "
+        "hyperparameters.", group="trackers and evaluation",
+    )
+    run_name: str | None = opt(
+        None, "Run name shown by the trackers (W&B/MLflow run name, TensorBoard subdirectory); default: the "
+        "output_dir's name.", group="trackers and evaluation",
+    )
+    logging_dir: str | None = opt(
+        None, "Where trackers that write locally put their files (TensorBoard events in LOGGING_DIR/RUN_NAME, "
+        "W&B's run folder in LOGGING_DIR/wandb); default: OUTPUT_DIR/runs.", group="trackers and evaluation",
+    )
+    eval_max_pairs: int | None = opt(
+        256, "In-training evaluation scores a seeded subset of this many eval_dataset pairs, the same at every "
+        "evaluation; none: every pair. 256 pairs give the reward accuracy to about +-3 points (one standard "
+        "error) and cost about as much as 100 training pairs (a forward pass, no backward).",
+        group="trackers and evaluation",
+    )
     # --- reward model ---
     margin_from_scores: bool = opt(
         False,
@@ -417,6 +434,8 @@ class TrainConfig:
             raise ConfigError("LoRA needs lora_r >= 1, lora_alpha > 0 and lora_dropout in [0, 1)")
         if (self.load_in_4bit or self.merge_adapter_on_save) and not self.use_peft:
             raise ConfigError("load_in_4bit and merge_adapter_on_save need use_peft: true")
+        if self.eval_max_pairs is not None and self.eval_max_pairs < 1:
+            raise ConfigError(f"eval_max_pairs must be at least 1 (or none: every pair), got {self.eval_max_pairs}")
         if not (math.isfinite(self.margin_scale) and self.margin_scale >= 0):
             raise ConfigError(f"margin_scale must be >= 0, got {self.margin_scale}")
         return self

@@ -25,6 +25,7 @@ from prefopt.data.collate import RewardPairCollator
 from prefopt.data.formats import Columns, load_pairs
 from prefopt.data.prepare import apply_score_policy, prepare_dataset, prepare_train_eval, summary_line
 from prefopt.errors import ConfigError, PrefoptError
+from prefopt.evaluation.model_card import write_model_card
 from prefopt.io import write_jsonl_atomic, write_text_atomic
 from prefopt.losses.combine import LossOptions
 from prefopt.memory import return_freed_memory
@@ -39,6 +40,7 @@ from prefopt.objectives.reference_cache import cached_reference, store_rows
 from prefopt.objectives.reward import RewardObjective, check_margin_scores
 from prefopt.training.checkpoint import restore
 from prefopt.training.distributed import build_accelerator, engine_of, load_dtype, prepare_reference
+from prefopt.training.metrics import resolve_trackers, run_summary
 from prefopt.training.preflight import RunPlan, check_model_paths, check_resume_data, plan_run
 from prefopt.training.run_dir import RunDirectory, contents
 from prefopt.training.run_lock import RunLock
@@ -65,6 +67,7 @@ def _start(cfg: TrainConfig, *, model, tokenizer, train_dataset) -> tuple[RunPla
     """Check every setting and path, then build the accelerator: before any data is read or any
     file written. Returns the plan, the accelerator and the tokenizer."""
     cfg.validate(require_paths=False)
+    resolve_trackers(cfg.report_to)  # a tracker that is not installed: one line, before anything is read
     _check_sources(cfg, model=model, tokenizer=tokenizer, train_dataset=train_dataset)
     plan = plan_run(cfg)  # output_dir rule, model paths, checkpoint to resume
     if cfg.return_freed_memory:
@@ -99,7 +102,7 @@ def start_output_dir(cfg: TrainConfig, plan: RunPlan, summaries: dict, accelerat
                                   f"(it now holds: {', '.join(contents(output_dir)[:4])}); choose another output_dir")
             run_dir = RunDirectory(output_dir)
             run_dir.begin(overwrite=plan.overwrite, resume=plan.resume_from is not None)
-            run_dir.wrote("config.yaml", "data_summary.json", "metrics.jsonl", "tensorboard",
+            run_dir.wrote("config.yaml", "data_summary.json", "metrics.jsonl", "tensorboard", "runs",
                           *(["merged"] if cfg.use_peft and cfg.merge_adapter_on_save else []))
             save_config(cfg, output_dir / "config.yaml")
             write_text_atomic(output_dir / "data_summary.json", json.dumps(summaries, indent=2) + "\n")
@@ -120,7 +123,7 @@ def start_output_dir(cfg: TrainConfig, plan: RunPlan, summaries: dict, accelerat
 
 
 def _run(cfg: TrainConfig, plan: RunPlan, accelerator, *, model, train_pairs, eval_pairs, collator, objective,
-         summaries: dict, save_model: Callable) -> dict[str, Any]:
+         summaries: dict, save_model: Callable) -> tuple[dict[str, Any], Trainer]:
     """The one run: the ``Trainer`` (optimizer and schedule built, so they cannot fail later), the run
     directory, restore the planned checkpoint, train. An earlier run moved aside comes back if this
     one fails before its first checkpoint."""
@@ -131,7 +134,7 @@ def _run(cfg: TrainConfig, plan: RunPlan, accelerator, *, model, train_pairs, ev
     try:
         if plan.resume_from is not None:
             restore(trainer, plan.resume_from)
-        return trainer.train()
+        return trainer.train(), trainer
     except BaseException:
         if run_dir is not None:
             run_dir.abort()
@@ -139,6 +142,23 @@ def _run(cfg: TrainConfig, plan: RunPlan, accelerator, *, model, train_pairs, ev
     finally:
         if lock is not None:
             lock.release()
+
+
+def finish_run(cfg: TrainConfig, trainer: Trainer, final: dict[str, Any], summaries: dict, *, kind: str,
+               merged: Path | None = None) -> None:
+    """After the final save (main process): the model card next to the model (and the merged
+    one), then the end-of-run summary on stdout."""
+    if not trainer.accelerator.is_main_process:
+        return
+    output_dir = Path(cfg.output_dir)
+    if trainer.run_dir is not None:
+        trainer.run_dir.wrote("README.md", "training_curves.png")  # recorded before they exist
+    write_model_card(output_dir, cfg, final=final, steps=trainer.step, summaries=summaries, kind=kind,
+                     copies=[merged] if merged is not None else [])
+    extra = {"merged model": merged} if merged is not None else None
+    for line in run_summary(final, steps=trainer.step, seconds=trainer.wall_time, output_dir=output_dir,
+                            what="reward model" if kind == "reward model" else "model", extra_dirs=extra):
+        print(line, flush=True)
 
 
 def build_models(cfg: TrainConfig, accelerator, options: LossOptions | None = None, *, live_reference: bool = True,
@@ -237,16 +257,19 @@ def train(cfg: TrainConfig, *, model=None, tokenizer=None, ref_model=None, train
         model.save_pretrained(directory, **kwargs)  # a PEFT model writes only its adapter
         tokenizer.save_pretrained(directory)
 
-    final = _run(cfg, plan, accelerator, model=policy, train_pairs=train_pairs, eval_pairs=eval_pairs,
-                 collator=collator, objective=PreferenceObjective(options, reference), summaries=summaries,
-                 save_model=save_model)
+    final, trainer = _run(cfg, plan, accelerator, model=policy, train_pairs=train_pairs, eval_pairs=eval_pairs,
+                          collator=collator, objective=PreferenceObjective(options, reference),
+                          summaries=summaries, save_model=save_model)
+    merged = None
     if cfg.use_peft and cfg.merge_adapter_on_save:
         # From the saved adapter files, on one process: the same for every engine.
         output_dir = Path(cfg.output_dir)
+        merged = output_dir / "merged"
         if accelerator.is_main_process:
-            merged = merge_adapter(cfg.model_name_or_path, output_dir, output_dir / "merged", dtype=load_dtype(cfg))
+            merge_adapter(cfg.model_name_or_path, output_dir, merged, dtype=load_dtype(cfg))
             tokenizer.save_pretrained(merged)
         accelerator.wait_for_everyone()
+    finish_run(cfg, trainer, final, summaries, kind="policy", merged=merged)
     return final
 
 
@@ -286,9 +309,11 @@ def train_reward_model(cfg: TrainConfig, *, model=None, tokenizer=None, train_da
         tokenizer.save_pretrained(directory)
 
     objective = RewardObjective(margin_from_scores=cfg.margin_from_scores, margin_scale=cfg.margin_scale)
-    return _run(cfg, plan, accelerator, model=model, train_pairs=train_pairs, eval_pairs=eval_pairs,
-                collator=RewardPairCollator(tokenizer.pad_token_id), objective=objective, summaries=summaries,
-                save_model=save_model)
+    final, trainer = _run(cfg, plan, accelerator, model=model, train_pairs=train_pairs, eval_pairs=eval_pairs,
+                          collator=RewardPairCollator(tokenizer.pad_token_id), objective=objective,
+                          summaries=summaries, save_model=save_model)
+    finish_run(cfg, trainer, final, summaries, kind="reward model")
+    return final
 
 
 def check_output_file(output: str | Path) -> None:

@@ -60,6 +60,13 @@ def test_lora_run_trains_only_the_adapter_and_saves_adapter_and_merged_model(lor
     assert (lora_run / "adapter_config.json").exists() and (lora_run / "adapter_model.safetensors").exists()
     assert not (lora_run / "model.safetensors").exists()
     assert (lora_run / "merged" / "model.safetensors").exists() and (lora_run / "merged" / "tokenizer.json").exists()
+    # The model cards: the adapter's (peft) and the merged model's (transformers), each with its plot.
+    from prefopt.evaluation.model_card import read_card_metadata
+
+    adapter_card, merged_card = read_card_metadata(lora_run / "README.md"), read_card_metadata(
+        lora_run / "merged" / "README.md")
+    assert adapter_card["library_name"] == "peft" and merged_card["library_name"] == "transformers"
+    assert "lora" in adapter_card["tags"] and (lora_run / "merged" / "training_curves.png").exists()
 
     batch = _batch(tiny_llama, easy_data["train"])
     base = load_causal_lm(str(tiny_llama)).eval()

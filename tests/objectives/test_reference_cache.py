@@ -25,7 +25,7 @@ from prefopt.objectives.reference_cache import (
 )
 from prefopt.toy import easy_preferences, write_jsonl
 
-THROUGHPUT = {"tokens_per_second", "pairs_per_second"}
+THROUGHPUT = {"tokens_per_second", "pairs_per_second", "eval/runtime"}  # wall-clock
 
 
 def run_train(model, data, cache_dir, out, **overrides):

@@ -34,9 +34,7 @@ def _train(args, unknown) -> int:
     from prefopt.recipes import train
 
     cfg = config_from_args(args, unknown)
-    train(cfg)
-    if os.environ.get("RANK", "0") == "0":  # once, not once per process (torchrun / accelerate launch)
-        print(f"prefopt: model saved to {cfg.output_dir}", file=sys.stderr)
+    train(cfg)  # ends with the run's summary on stdout (steps, time, final metrics, where the model is)
     return 0
 
 
@@ -166,7 +164,11 @@ def _eval_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pairs", metavar="FILE", help="Pair file for the implicit reward's preference accuracy.")
     parser.add_argument("--beta", type=float, help="Beta of the implicit reward (default: the model's config.yaml).")
     parser.add_argument("--batch_size", type=int, default=32, help="Sequences per generate / forward call. (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=0, help="Sampling seed. (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="Sampling seed, also picks the --max_* subsets. (default: %(default)s)")
+    parser.add_argument("--max_prompts", type=int, metavar="N",
+                        help="Evaluate a seeded subset of N prompts (default: all).")
+    parser.add_argument("--max_pairs", type=int, metavar="N",
+                        help="Preference accuracy on a seeded subset of N pairs of --pairs (default: all).")
 
 
 @command("eval", "Sample from policies and report reward, KL from the reference, win rate, accuracy.", _eval_args)
@@ -176,7 +178,7 @@ def _eval(args, unknown) -> int:
     reject_extra(unknown)
     run_eval(args.model, args.ref, prompts=args.prompts, scorer=args.scorer, num_samples=args.num_samples,
              max_new_tokens=args.max_new_tokens, output_dir=args.output_dir, pairs=args.pairs, beta=args.beta,
-             batch_size=args.batch_size, seed=args.seed)
+             batch_size=args.batch_size, seed=args.seed, max_prompts=args.max_prompts, max_pairs=args.max_pairs)
     return 0
 
 

@@ -52,8 +52,7 @@ def _train(args, unknown) -> int:
     from prefopt.recipes import train_reward_model  # heavy: imported when the command runs (main.py)
 
     cfg = config_from_args(args, unknown)
-    train_reward_model(cfg)
-    print(f"prefopt: reward model saved to {cfg.output_dir}", file=sys.stderr)
+    train_reward_model(cfg)  # ends with the run's summary on stdout
     return 0
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import random
 from collections import deque
 from pathlib import Path
 from typing import Any
@@ -248,7 +249,21 @@ def prepare_train_eval(cfg, tokenizer, *, train_data=None, eval_data=None, score
     if eval_spec is not None:
         eval_pairs, summaries["eval"] = prepare_dataset(cfg, eval_spec, cfg.eval_dataset_split, tokenizer,
                                                         score_policy=score_policy)
+        limit = getattr(cfg, "eval_max_pairs", None)
+        if limit is not None and len(eval_pairs) > limit:
+            eval_pairs = seeded_subset(eval_pairs, limit, cfg.seed)
+            summaries["eval"]["evaluated_pairs"] = len(eval_pairs)
     return train_pairs, eval_pairs, summaries
+
+
+def seeded_subset(items: list, k: int, seed: int) -> list:
+    """``k`` of ``items`` drawn without replacement by ``seed``, kept in their file order: the same
+    subset for every evaluation of a run (curves stay comparable) and for every rerun."""
+
+    if k >= len(items):
+        return list(items)
+    chosen = sorted(random.Random(seed).sample(range(len(items)), k))
+    return [items[i] for i in chosen]
 
 
 def summary_line(role: str, s: dict) -> str:
@@ -267,6 +282,8 @@ def summary_line(role: str, s: dict) -> str:
     if store and store["cache"] != "off":
         parts.append(("tokenized pairs reused from " if store["cache"] == "hit" else "tokenized pairs stored in ")
                      + store["path"])
+    if s.get("evaluated_pairs") is not None:
+        parts.append(f"evaluating a seeded subset of {s['evaluated_pairs']} pairs (eval_max_pairs)")
     return "; ".join(parts)
 
 

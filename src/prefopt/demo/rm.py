@@ -7,7 +7,9 @@ Everything goes through the functions behind the ``prefopt reward`` commands:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import json
 import shutil
 from pathlib import Path
@@ -38,9 +40,10 @@ def reward_model_stage(rm_dir: Path, sft_dir: Path, files: dict[str, Path], scor
         learning_rate=s.rm_learning_rate, per_device_train_batch_size=s.batch_size, per_device_eval_batch_size=64,
         num_train_epochs=s.rm_epochs, warmup_steps=0, lr_scheduler_type="linear", seed=s.seed,
         max_length=64, max_prompt_length=32, output_dir=str(rm_dir), logging_steps=5, save_steps=0,
-        report_to="none", progress_bar=progress,
+        report_to="none", progress_bar=progress, eval_max_pairs=None,
     )
-    last = train_reward_model(cfg)
+    with contextlib.redirect_stdout(io.StringIO()):  # the demo reports its own stages, not the run's summary
+        last = train_reward_model(cfg)
     rewarder = ModelRewarder(str(rm_dir), batch_size=64, progress=progress)
     clean = evaluate_rewarder(dataclasses.replace(cfg, dataset=str(files["heldout"])), rewarder,
                               output=rm_dir / "eval_heldout.json")

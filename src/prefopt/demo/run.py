@@ -18,6 +18,8 @@ Seeds are fixed everywhere, so a rerun on the same machine writes the same repor
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import shutil
 import sys
@@ -34,7 +36,7 @@ from prefopt.demo.labels import sample_bt_labels
 from prefopt.demo.online import online_run_specs, spread, train_online_run
 from prefopt.demo.rm import reward_model_stage
 from prefopt.demo.sft import build_sft_model, train_sft
-from prefopt.evaluation.plots import plot_frontier, plot_training_curves
+from prefopt.evaluation.plots import plot_frontier, plot_training_curves, scorer_label
 from prefopt.evaluation.policy import evaluate_policy, sample_and_score
 from prefopt.evaluation.scorers import load_scorer
 from prefopt.modeling.load import load_causal_lm, load_tokenizer
@@ -230,7 +232,8 @@ def run_demo(output_dir: str | Path, *, quick: bool = False, progress: bool = Tr
 
     # The online methods as one point per setting: the mean over seeds, with their spread as error bars.
     plot_frontier([e for e in entries if e["method"] not in ONLINE_METHODS] + online_spread, out / "frontier.png",
-                  title="Toy controlled sentiment: reward vs KL from SFT")
+                  title="Toy controlled sentiment: reward vs KL from SFT",
+                  reward_label=f"mean ground-truth {scorer_label(SCORER)} of samples")
     plot_training_curves({name: run_dir / "metrics.jsonl" for name, _, _, run_dir in run_dirs},
                          out / "training_curves.png")
     print(f"prefopt demo: done in {time.perf_counter() - started:.0f} s; report in {out / 'report.md'}",
@@ -248,9 +251,10 @@ def _train_run(run_dir: Path, sft_dir: Path, train_file: Path, eval_file: Path, 
         per_device_train_batch_size=settings.batch_size, per_device_eval_batch_size=64,
         num_train_epochs=settings.epochs, warmup_steps=0, lr_scheduler_type="linear", seed=settings.seed,
         max_length=64, max_prompt_length=32, output_dir=str(run_dir), logging_steps=5, save_steps=0,
-        report_to="none", progress_bar=progress,
+        report_to="none", progress_bar=progress, eval_max_pairs=None,
     )
-    train(cfg)
+    with contextlib.redirect_stdout(io.StringIO()):  # the demo reports its own stages, not 19 run summaries
+        train(cfg)
 
 
 def _rounded(value: Any, digits: int = 4) -> Any:

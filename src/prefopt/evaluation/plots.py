@@ -35,45 +35,148 @@ def pyplot():
     return plt
 
 
-def plot_frontier(entries: list[dict[str, Any]], path: str | Path, *, title: str = "Reward vs KL") -> Path:
+def scorer_label(scorer: str | None) -> str:
+    """A short name for a scorer, short enough for an axis: ``pkg.mod:function`` -> ``function``,
+    a reward-model directory -> ``reward (RM NAME)``."""
+    if not scorer:
+        return "reward"
+    scorer = str(scorer)
+    if ":" in scorer and not Path(scorer).exists():
+        return scorer.rpartition(":")[2]
+    return f"reward (RM {Path(scorer).name})"
+
+
+def reward_axis_label(entries: list[dict[str, Any]]) -> str:
+    """The frontier's y-axis: the mean score of samples under the scorer the entries name."""
+    scorers = {e.get("scorer") for e in entries if e.get("scorer")}
+    if len(scorers) == 1:
+        return f"mean {scorer_label(scorers.pop())} of samples"
+    return "mean reward of samples" + (" (several scorers!)" if len(scorers) > 1 else "")
+
+
+def place_labels(ax, points: list[tuple[float, float]], labels: list[str], colors: list[Any], *,
+                 fontsize: float = 7, avoid: list[tuple[float, float]] = (),
+                 lines: list[list[tuple[float, float]]] = ()) -> list:
+    """Annotate ``points`` with ``labels`` so that no label overlaps another, covers a marker or
+    crosses a curve (``lines``, polylines in data coordinates): each label tries offsets around
+    its point, nearest first, and takes the first free place (a thin leader line joins a label set
+    further out to its point). Greedy and deterministic; reusable for any labelled scatter."""
+    import numpy as np
+
+    fig = ax.figure
+    fig.canvas.draw()  # the transforms and the renderer must reflect the final layout
+    renderer = fig.canvas.get_renderer()
+    to_px = ax.transData.transform
+    marker_px = [to_px(p) for p in [*points, *avoid]]
+    line_px = []  # points every ~3 px along each curve
+    for line in lines:
+        xy = to_px(np.asarray(line, dtype=float).reshape(-1, 2)) if len(line) else []
+        for a, b in zip(xy[:-1], xy[1:]):
+            n = max(2, int(np.hypot(*(b - a)) / 3))
+            line_px += [a + (b - a) * t for t in np.linspace(0, 1, n)]
+    taken = []  # bboxes (display px) of labels placed so far
+    texts = []
+    directions = [(1, -1), (1, 1), (-1, 1), (-1, -1), (1, 0), (-1, 0), (0, 1), (0, -1)]
+    # Points in the densest region first, so they get the closest places.
+    order = sorted(range(len(points)), key=lambda i: -sum(
+        1 for q in marker_px if abs(q[0] - marker_px[i][0]) < 60 and abs(q[1] - marker_px[i][1]) < 30))
+    for i in order:
+        (x, y), label, color = points[i], labels[i], colors[i]
+        if not label:
+            continue
+        placed = None
+        for dist in (6, 12, 20, 30, 42, 56, 72, 90):
+            for dx, dy in directions:
+                offset = (dx * dist, dy * dist)
+                ha = "left" if dx > 0 else "right" if dx < 0 else "center"
+                va = "bottom" if dy > 0 else "top" if dy < 0 else "center"
+                text = ax.annotate(label, (x, y), textcoords="offset points", xytext=offset, fontsize=fontsize,
+                                   color=color, ha=ha, va=va,
+                                   arrowprops={"arrowstyle": "-", "color": color, "lw": 0.5, "alpha": 0.6}
+                                   if dist > 12 else None)
+                box = _text_box(text, renderer).expanded(1.05, 1.15)
+                inside = ax.get_window_extent(renderer)
+                clash = any(box.overlaps(t) for t in taken) or any(
+                    _near_box(box, px, py, 4) for px, py in marker_px) or any(
+                    _near_box(box, px, py, 1) for px, py in line_px) or not (
+                    inside.x0 <= box.x0 and box.x1 <= inside.x1 and inside.y0 <= box.y0 and box.y1 <= inside.y1)
+                if not clash:
+                    placed = text
+                    taken.append(box)
+                    break
+                text.remove()
+            if placed is not None:
+                break
+        if placed is None:  # no free place: the nearest one, still readable
+            placed = ax.annotate(label, (x, y), textcoords="offset points", xytext=(6, -6), fontsize=fontsize,
+                                 color=color, ha="left", va="top")
+            taken.append(_text_box(placed, renderer))
+        texts.append(placed)
+    return texts
+
+
+def _text_box(annotation, renderer):
+    """The display box of an annotation's text alone (its leader line left out)."""
+    from matplotlib.text import Text
+
+    annotation.update_positions(renderer)
+    return Text.get_window_extent(annotation, renderer)
+
+
+def _near_box(box, px: float, py: float, pad: float) -> bool:
+    return box.x0 - pad <= px <= box.x1 + pad and box.y0 - pad <= py <= box.y1 + pad
+
+
+def legend_outside(ax, **kwargs):
+    """The legend to the right of the axes, never over the data."""
+    return ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, frameon=False, **kwargs)
+
+
+def plot_frontier(entries: list[dict[str, Any]], path: str | Path, *, title: str = "Reward vs KL",
+                  reward_label: str | None = None) -> Path:
     """Reward against KL, one curve per ``method`` (points sorted by KL, labelled with beta and
-    alpha), the reference (``method`` ``sft`` or ``ref``, or any entry with KL 0) as a black star."""
+    alpha), the reference (``method`` ``sft`` or ``ref``, or any entry with KL 0) as a black star;
+    the legend outside the axes, labels placed where they overlap nothing, the y-axis named after
+    the entries' ``scorer`` (or ``reward_label``)."""
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4.8))
+    fig, ax = plt.subplots(figsize=(9.5, 5.2))
     refs = [e for e in entries if e.get("method") in ("sft", "ref")]
     by_method: dict[str, list[dict]] = {}
     for e in entries:
         if e not in refs:
             by_method.setdefault(str(e.get("method") or e.get("name") or "model"), []).append(e)
-    for i, (method, points) in enumerate(by_method.items()):
-        points = sorted(points, key=lambda e: e["kl"])
-        color = METHOD_COLORS.get(method)
+    cmap = plt.get_cmap("tab10")
+    points, labels, colors, curves = [], [], [], []
+    for i, (method, pts) in enumerate(by_method.items()):
+        pts = sorted(pts, key=lambda e: e["kl"])
+        color = METHOD_COLORS.get(method, cmap(i % 10))
         # An alpha shared by the whole curve goes in the legend, not on every point.
-        alphas = {p.get("alpha") for p in points}
+        alphas = {p.get("alpha") for p in pts}
         shared_alpha = alphas.pop() if len(alphas) == 1 else None
         legend = METHOD_LABELS.get(method, method.upper()) + (
             f" (α={shared_alpha:g})" if shared_alpha is not None else "")
-        ax.plot([p["kl"] for p in points], [p["reward"] for p in points], METHOD_STYLES.get(method, "o-"),
-                color=color, label=legend, markersize=6 if method not in METHOD_STYLES else 8)
-        if any("reward_std" in p or "kl_std" in p for p in points):  # a spread over seeds
-            ax.errorbar([p["kl"] for p in points], [p["reward"] for p in points],
-                        xerr=[p.get("kl_std", 0.0) for p in points], yerr=[p.get("reward_std", 0.0) for p in points],
+        ax.plot([p["kl"] for p in pts], [p["reward"] for p in pts], METHOD_STYLES.get(method, "o-"),
+                color=color, label=legend, markersize=6 if method not in METHOD_STYLES else 7)
+        if any("reward_std" in p or "kl_std" in p for p in pts):  # a spread over seeds
+            ax.errorbar([p["kl"] for p in pts], [p["reward"] for p in pts],
+                        xerr=[p.get("kl_std", 0.0) for p in pts], yerr=[p.get("reward_std", 0.0) for p in pts],
                         fmt="none", ecolor=color, capsize=3)
-        for p in points:
-            label = _point_label(p, with_alpha=shared_alpha is None)
-            if label:
-                # Alternate curves label below / above their points, so two close curves stay legible.
-                ax.annotate(label, (p["kl"], p["reward"]), textcoords="offset points",
-                            xytext=(4, -12) if i % 2 == 0 else (-6, 7), fontsize=7, color=color or "black")
+        curves.append([(p["kl"], p["reward"]) for p in pts])
+        for p in pts:
+            points.append((p["kl"], p["reward"]))
+            labels.append(_point_label(p, with_alpha=shared_alpha is None))
+            colors.append(color)
     for r in refs:
-        ax.plot([r.get("kl", 0.0)], [r["reward"]], "k*", markersize=13, label=str(r.get("name", "reference")).upper())
-    ax.margins(x=0.15, y=0.1)  # room for the point labels
+        ax.plot([r.get("kl", 0.0)], [r["reward"]], "k*", markersize=13,
+                label=f"{str(r.get('name', 'reference')).upper()} (reference, KL 0)")
+    ax.margins(x=0.12, y=0.12)  # room for the point labels
     ax.set_xlabel("sequence KL(policy || reference)  [nats]")
-    ax.set_ylabel("mean ground-truth reward of samples")
+    ax.set_ylabel(reward_label or reward_axis_label(entries))
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right")
+    legend_outside(ax, fontsize=8)
     fig.tight_layout()
+    place_labels(ax, points, labels, colors, avoid=[(r.get("kl", 0.0), r["reward"]) for r in refs], lines=curves)
     path = Path(path)
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -91,35 +194,74 @@ def _point_label(p: dict[str, Any], *, with_alpha: bool = True) -> str:
     return " ".join(parts)
 
 
-def plot_training_curves(runs: dict[str, str | Path], path: str | Path) -> Path:
+def run_groups(names: list[str]) -> dict[str, list[str]]:
+    """Runs grouped by what they vary in: the name less its ``_beta...`` part (``odpo_beta0.5_alpha0.5``
+    -> ``odpo``); a name without one is its own group."""
+    import re
+
+    groups: dict[str, list[str]] = {}
+    for name in names:
+        groups.setdefault(re.sub(r"_beta[0-9.]+.*$", "", name), []).append(name)
+    return groups
+
+
+def plot_training_curves(runs: dict[str, str | Path], path: str | Path, *, max_runs_per_panel: int = 6) -> Path:
     """Three panels from each run's ``metrics.jsonl``: loss, implicit rewards (chosen solid,
-    rejected dashed) and reward accuracy; held-out (``eval/``) values as markers."""
+    rejected dashed) and reward accuracy (reward models: accuracy); held-out (``eval/``) values as
+    square markers. Up to ``max_runs_per_panel`` runs share one row; more are split into small
+    multiples, one row per group of runs (``run_groups``), so every line in a row has a colour of
+    its own. Legends sit outside the panels and explain every line style and marker."""
+    from matplotlib.lines import Line2D
+
     plt = pyplot()
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4.2))
-    cmap = plt.get_cmap("tab10" if len(runs) <= 10 else "tab20")
-    for i, (name, metrics_path) in enumerate(runs.items()):
-        rows = read_metrics(metrics_path)
-        color = cmap(i % cmap.N)
-        train = [r for r in rows if "loss" in r]
-        evals = [r for r in rows if "eval/loss" in r]
-        steps = [r["step"] for r in train]
-        _line(axes[0], steps, [r.get("loss") for r in train], color=color, label=name)
-        _line(axes[1], steps, [r.get("rewards/chosen") for r in train], color=color, label=f"{name} chosen")
-        _line(axes[1], steps, [r.get("rewards/rejected") for r in train], color=color, linestyle="--")
-        _line(axes[2], steps, [r.get("rewards/accuracies") for r in train], color=color, label=name)
-        if evals:
-            es = [r["step"] for r in evals]
-            axes[0].plot(es, [r["eval/loss"] for r in evals], "s", color=color)
-            axes[2].plot(es, [r.get("eval/rewards/accuracies") for r in evals], "s", color=color)
-    for ax, title in zip(axes, ("loss", "implicit reward (chosen —, rejected --)", "reward accuracy")):
-        ax.set_title(title)
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
-    axes[2].set_ylim(0, 1.02)
+    names = list(runs)
+    groups = {"": names} if len(names) <= max_runs_per_panel else run_groups(names)
+    # A group still too big for distinct colours is cut into rows of max_runs_per_panel.
+    rows: list[tuple[str, list[str]]] = []
+    for group, members in groups.items():
+        for k in range(0, len(members), max_runs_per_panel):
+            rows.append((group, members[k : k + max_runs_per_panel]))
+    fig, axes = plt.subplots(len(rows), 3, figsize=(15, 3.4 * len(rows) + 0.6), squeeze=False)
+    cmap = plt.get_cmap("tab10")
+    any_eval = False
+    for r, (group, members) in enumerate(rows):
+        ax_loss, ax_reward, ax_acc = axes[r]
+        for i, name in enumerate(members):
+            rows_ = read_metrics(runs[name])
+            color = cmap(i % 10)
+            train = [m for m in rows_ if "loss" in m]
+            evals = [m for m in rows_ if "eval/loss" in m]
+            steps = [m["step"] for m in train]
+            acc_key = "rewards/accuracies" if any("rewards/accuracies" in m for m in train) else "accuracy"
+            short = name[len(group) + 1:] if group and name.startswith(group + "_") else name
+            _line(ax_loss, steps, [m.get("loss") for m in train], color=color, label=short or name)
+            _line(ax_reward, steps, [m.get("rewards/chosen") for m in train], color=color)
+            _line(ax_reward, steps, [m.get("rewards/rejected") for m in train], color=color, linestyle="--")
+            _line(ax_acc, steps, [m.get(acc_key) for m in train], color=color)
+            if evals:
+                any_eval = True
+                es = [m["step"] for m in evals]
+                _line(ax_loss, es, [m.get("eval/loss") for m in evals], color=color, marker="s", linestyle="none",
+                      markeredgecolor="black", markeredgewidth=0.5)
+                _line(ax_acc, es, [m.get(f"eval/{acc_key}") for m in evals], color=color, marker="s",
+                      linestyle="none", markeredgecolor="black", markeredgewidth=0.5)
+        for ax, title in zip(axes[r], ("loss", "rewards (chosen, rejected)", "reward accuracy")):
+            ax.set_title(f"{group}: {title}" if group else title, fontsize=10)
+            ax.grid(alpha=0.3)
+            if r == len(rows) - 1:
+                ax.set_xlabel("optimizer step")
+        ax_acc.set_ylim(0, 1.02)
+        handles, _ = ax_loss.get_legend_handles_labels()
+        style = [Line2D([], [], color="gray", label="chosen (solid)"),
+                 Line2D([], [], color="gray", linestyle="--", label="rejected (dashed)")]
+        if any_eval:
+            style.append(Line2D([], [], color="gray", marker="s", linestyle="none", markeredgecolor="black",
+                                label="held-out eval (eval/ rows)"))
+        legend_outside(ax_acc, handles=handles + style, fontsize=7,
+                       title=(f"{group} runs" if group else "runs"), title_fontsize=8)
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
 
@@ -156,6 +298,8 @@ def plot_online(rows: list[dict[str, Any]], path: str | Path) -> Path:
 
 def _line(ax, xs, ys, **kwargs) -> None:
     pts = [(x, y) for x, y in zip(xs, ys) if y is not None]
+    if len(pts) < 3 and "marker" not in kwargs:  # one or two logged rows: a line alone could be invisible
+        kwargs.update(marker="o", markersize=3)
     if pts:
         ax.plot([x for x, _ in pts], [y for _, y in pts], **kwargs)
 
@@ -171,14 +315,14 @@ def frontier_entries(paths: list[Path]) -> list[dict[str, Any]]:
         except (OSError, json.JSONDecodeError) as e:
             raise PrefoptError(f"{path}: not a readable JSON file: {e}") from None
         if isinstance(data, dict) and isinstance(data.get("runs"), list):
-            entries += [r for r in data["runs"] if "reward" in r and "kl" in r]
+            entries += [{"scorer": data.get("scorer"), **r} for r in data["runs"] if "reward" in r and "kl" in r]
         elif isinstance(data, dict) and "reward" in data and "kl" in data:
             entries.append({"name": data.get("name") or Path(path).stem, "method": data.get("method"),
                             "beta": data.get("beta"), "alpha": data.get("alpha"), "reward": data["reward"],
-                            "kl": data["kl"]})
+                            "kl": data["kl"], "scorer": data.get("scorer")})
             if "reward_ref" in data:
                 refs.setdefault((data.get("ref"),), {"name": "ref", "method": "ref", "kl": 0.0,
-                                                     "reward": data["reward_ref"]})
+                                                     "reward": data["reward_ref"], "scorer": data.get("scorer")})
     return entries + list(refs.values())
 
 

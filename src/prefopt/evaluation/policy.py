@@ -28,16 +28,17 @@ import yaml
 from prefopt.config import TrainConfig
 from prefopt.data.collate import PaddedPairCollator, to_device
 from prefopt.data.formats import rows_to_pairs
-from prefopt.data.prepare import prepare_dataset
+from prefopt.data.prepare import prepare_dataset, seeded_subset
 from prefopt.data.sources import read_rows
 from prefopt.data.tokenize import TokenizedPair, adds_bos
 from prefopt.errors import DataError, PrefoptError
 from prefopt.evaluation.plots import frontier_entries, plot_frontier
-from prefopt.evaluation.rewarders import implicit_rewards
 from prefopt.evaluation.scorers import load_scorer
 from prefopt.io import write_text_atomic
+from prefopt.modeling.attention import model_collator
 from prefopt.modeling.load import first_line, load_causal_lm, load_tokenizer, looks_local
-from prefopt.modeling.logprobs import pair_logps
+from prefopt.modeling.logprobs import pair_logps, score_pairs
+from prefopt.objectives.reference_cache import ReferenceCache, cache_key, model_fingerprint, table_from_rows
 
 
 @dataclass(frozen=True)
@@ -109,7 +110,8 @@ def sample(
 
 
 @torch.no_grad()
-def sample_logps(model, samples: list[Sample], *, pad_token_id: int, batch_size: int = 64, device=None) -> torch.Tensor:
+def sample_logps(model, samples: list[Sample], *, pad_token_id: int, batch_size: int = 64, device=None,
+                 progress: bool = False, desc: str = "logps") -> torch.Tensor:
     """``log model(y|x)`` summed over the completion tokens of every sample: ``[N]`` float32.
 
     Samples of the same prompt are paired up and scored with the training collator, whose pairs
@@ -127,7 +129,9 @@ def sample_logps(model, samples: list[Sample], *, pad_token_id: int, batch_size:
             slots.append((a, members[j + 1] if j + 1 < len(members) else a))
     collator = PaddedPairCollator(pad_token_id)
     out = torch.zeros(len(samples), dtype=torch.float32)
-    for start in range(0, len(slots), batch_size):
+    from tqdm.auto import tqdm
+
+    for start in tqdm(range(0, len(slots), batch_size), desc=desc, unit="batch", disable=not progress):
         chunk = slots[start : start + batch_size]
         pairs = [TokenizedPair(samples[a].prompt_ids, samples[a].completion_ids, samples[b].completion_ids,
                                None, None, k) for k, (a, b) in enumerate(chunk)]
@@ -169,20 +173,78 @@ def full_texts(tokenizer, prompts: Sequence[str], samples: list[Sample]) -> tupl
     return completions, texts
 
 
-def preference_accuracy(policy, ref, pairs_file: str, tokenizer, *, beta: float, batch_size: int = 32,
-                        max_length: int = 1024, device=None) -> dict[str, float]:
-    """Implicit-reward accuracy on a pair file (any format ``prefopt train`` reads): the share of
-    pairs with ``beta*(log pi(y_w)-log ref(y_w)) > beta*(log pi(y_l)-log ref(y_l))``, and the mean
-    margin. Tokenized exactly as training tokenizes."""
+def load_eval_pairs(pairs_file: str, tokenizer, *, max_length: int = 1024, max_pairs: int | None = None,
+                    seed: int = 0) -> tuple[list[TokenizedPair], int]:
+    """The pairs of a pair file (any format ``prefopt train`` reads) tokenized as training
+    tokenizes them, and how many the file holds; ``max_pairs``: a seeded subset of them."""
     # Training's defaults for everything but the lengths (scoring needs no prompt cut).
     cfg = TrainConfig(dataset=pairs_file, max_length=max_length, max_prompt_length=None)
     pairs, _ = prepare_dataset(cfg, pairs_file, "train", tokenizer)
+    total = len(pairs)
+    if max_pairs is not None:
+        pairs = seeded_subset(pairs, max_pairs, seed)
+    return pairs, total
+
+
+def reference_pair_logps(ref, ref_path: str | None, pairs: list[TokenizedPair], collator, *, batch_size: int,
+                         device, progress: bool = False, cache_dir: str | None = None) -> tuple[list[dict], bool]:
+    """The reference's per-pair log-probs: from the reference log-prob cache when ``prefopt logps``,
+    a ``precompute_ref_log_probs`` run or an earlier eval stored them for this model and these
+    exact tokens, else computed once and stored there (a second policy, or a rerun, reuses them).
+    Returns the rows and whether they came from the cache."""
+    cache = key = None
+    if ref_path is not None:
+        cache = ReferenceCache(cache_dir)
+        key = cache_key(model_fingerprint(ref_path), pairs)
+        table = cache.load(key)
+        if table is not None and len(table["index"]) == len(pairs):
+            by_index = {int(i): (float(c), float(r)) for i, c, r in
+                        zip(table["index"], table["chosen_logps"], table["rejected_logps"])}
+            if all(p.index in by_index for p in pairs):
+                return [{"index": p.index, "chosen_logps": by_index[p.index][0],
+                         "rejected_logps": by_index[p.index][1]} for p in pairs], True
+    rows = score_pairs(ref, pairs, collator, batch_size=batch_size, device=device, progress=progress,
+                       desc="accuracy: reference")
+    if cache is not None:
+        try:
+            cache.save(key, table_from_rows(rows), {"model": ref_path, "pairs": len(pairs)})
+        except PrefoptError as e:  # a read-only cache costs the reuse, not the evaluation
+            print(f"prefopt: warning: {e}", file=sys.stderr)
+    return rows, False
+
+
+def preference_accuracy(policy, ref, pairs_file: str | list[TokenizedPair], tokenizer, *, beta: float,
+                        batch_size: int = 32, max_length: int = 1024, device=None, ref_path: str | None = None,
+                        progress: bool = False, ref_rows: list[dict] | None = None) -> dict[str, float]:
+    """Implicit-reward accuracy on a pair file (or its ``load_eval_pairs`` pairs): the share of
+    pairs with ``beta*(log pi(y_w)-log ref(y_w)) > beta*(log pi(y_l)-log ref(y_l))``, the mean
+    margin and its standard error. Tokenized exactly as training tokenizes. ``ref_rows``: the
+    reference's log-probs of these pairs, already known (else ``reference_pair_logps``)."""
+    pairs = pairs_file if isinstance(pairs_file, list) else load_eval_pairs(pairs_file, tokenizer,
+                                                                            max_length=max_length)[0]
     device = device or next(policy.parameters()).device
-    chosen, rejected = implicit_rewards(policy, ref, pairs, PaddedPairCollator(tokenizer.pad_token_id), beta=beta,
-                                        batch_size=batch_size, device=device)
-    margins = [c - r for c, r in zip(chosen, rejected)]
+    # Training's `layout: auto` (a long prompt runs once for both responses): the same log-probs as
+    # the plain padded layout, at a fraction of the cost on long-prompt data such as TL;DR.
+    collator = model_collator("auto", pairs, batch_size, policy, tokenizer.pad_token_id,
+                              device_type=torch.device(device).type)
+    if ref_rows is None:
+        ref_rows = reference_pair_logps(ref, ref_path, pairs, collator, batch_size=batch_size, device=device,
+                                        progress=progress)[0]
+    pol_rows = score_pairs(policy, pairs, collator, batch_size=batch_size, device=device, progress=progress,
+                           desc="accuracy: policy")
+    margins = [beta * ((a["chosen_logps"] - b["chosen_logps"]) - (a["rejected_logps"] - b["rejected_logps"]))
+               for a, b in zip(pol_rows, ref_rows)]
     return {"accuracy": sum(m > 0 for m in margins) / len(margins),
             "reward_margin": sum(margins) / len(margins), "num_pairs": len(margins)}
+
+
+def mean_stderr(values: Sequence[float]) -> float:
+    """Standard error of the mean: sample standard deviation / sqrt(n) (NaN for fewer than 2)."""
+    n = len(values)
+    if n < 2:
+        return float("nan")
+    mean = sum(values) / n
+    return math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
 
 
 @dataclass
@@ -198,6 +260,10 @@ class SampleSet:
         return sum(self.scores) / len(self.scores)
 
     @property
+    def score_stderr(self) -> float:
+        return mean_stderr(self.scores)
+
+    @property
     def mean_length(self) -> float:
         return sum(len(s.completion_ids) for s in self.samples) / len(self.samples)
 
@@ -210,24 +276,41 @@ def sample_and_score(model, tokenizer, prompts: Sequence[str], scorer: Callable[
                      pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, seed=seed,
                      batch_size=batch_size, progress=progress, desc=desc)
     completions, texts = full_texts(tokenizer, prompts, samples)
-    return SampleSet(samples, completions, scorer(texts))
+    return SampleSet(samples, completions, score_texts(scorer, texts, progress=progress, desc=f"{desc}: score"))
+
+
+def score_texts(scorer: Callable[[list[str]], list[float]], texts: list[str], *, chunk: int = 256,
+                progress: bool = False, desc: str = "score") -> list[float]:
+    """``scorer`` over ``texts`` in chunks, so a slow scorer (a reward model) shows progress."""
+    from tqdm.auto import tqdm
+
+    scores: list[float] = []
+    for start in tqdm(range(0, len(texts), chunk), desc=desc, unit="chunk", disable=not progress or len(texts) <= chunk):
+        scores.extend(scorer(texts[start : start + chunk]))
+    return scores
 
 
 def evaluate_policy(policy, ref, tokenizer, prompts: Sequence[str], scorer, *, ref_set: SampleSet,
                     num_samples: int, max_new_tokens: int, seed: int, batch_size: int = 64,
-                    pairs_file: str | None = None, beta: float | None = None, progress: bool = False,
-                    desc: str = "sample", num_examples: int = 3) -> dict[str, Any]:
+                    pairs_file: str | list[TokenizedPair] | None = None, beta: float | None = None,
+                    progress: bool = False, desc: str = "sample", num_examples: int = 3,
+                    ref_pair_rows: list[dict] | None = None, ref_path: str | None = None) -> dict[str, Any]:
     """Every number of ``prefopt eval`` for one policy. ``ref_set`` holds the reference's own
-    samples (for the win rate and the reference's reward), drawn once for all policies."""
+    samples (for the win rate and the reference's reward), drawn once for all policies;
+    ``ref_pair_rows`` the reference's log-probs of the pairs, likewise."""
     pol_set = sample_and_score(policy, tokenizer, prompts, scorer, num_samples=num_samples,
                                max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size,
                                progress=progress, desc=desc)
     pad = tokenizer.pad_token_id
-    pol_logps = sample_logps(policy, pol_set.samples, pad_token_id=pad, batch_size=batch_size)
-    ref_logps = sample_logps(ref, pol_set.samples, pad_token_id=pad, batch_size=batch_size)
+    pol_logps = sample_logps(policy, pol_set.samples, pad_token_id=pad, batch_size=batch_size, progress=progress,
+                             desc="KL: policy logps")
+    ref_logps = sample_logps(ref, pol_set.samples, pad_token_id=pad, batch_size=batch_size, progress=progress,
+                             desc="KL: reference logps")
     result: dict[str, Any] = {
         "reward": pol_set.mean_score,
+        "reward_stderr": pol_set.score_stderr,
         "reward_ref": ref_set.mean_score,
+        "reward_ref_stderr": ref_set.score_stderr,
         **kl_estimates(pol_logps, ref_logps),
         "win_rate": win_rate(pol_set.scores, ref_set.scores),
         "mean_length": pol_set.mean_length,
@@ -239,12 +322,24 @@ def evaluate_policy(policy, ref, tokenizer, prompts: Sequence[str], scorer, *, r
     if pairs_file is not None:
         if beta is None:
             raise PrefoptError("preference accuracy on a pair file needs --beta")
-        result.update(preference_accuracy(policy, ref, pairs_file, tokenizer, beta=beta,
-                                          batch_size=batch_size))
+        result.update(preference_accuracy(policy, ref, pairs_file, tokenizer, beta=beta, batch_size=batch_size,
+                                          ref_rows=ref_pair_rows, ref_path=ref_path, progress=progress))
     result["examples"] = [{"prompt": prompts[s.prompt_index], "completion": c, "score": sc}
                           for s, c, sc in list(zip(pol_set.samples, pol_set.completions, pol_set.scores))
                           [:num_examples]]
     return result
+
+
+def eval_plan(models: list[str], ref: str, total_prompts: int, prompts: int, num_samples: int, max_new_tokens: int,
+              pairs: str | None, total_pairs: int, num_pairs: int) -> str:
+    """The one line ``prefopt eval`` prints before it starts: what it is about to do."""
+    subset = f" (seeded subset of {total_prompts})" if prompts < total_prompts else ""
+    text = (f"prefopt: eval plan: {len(models)} model{'s' if len(models) != 1 else ''} + reference {ref}; "
+            f"{prompts} prompts{subset} x {num_samples} samples (up to {max_new_tokens} new tokens) per model")
+    if pairs:
+        sub = f" (seeded subset of {total_pairs}; --max_pairs)" if num_pairs < total_pairs else ""
+        text += f"; preference accuracy on {num_pairs} pairs{sub} of {pairs}"
+    return text
 
 
 def read_prompts(path: str, tokenizer=None, column: str = "prompt") -> list[str]:
@@ -329,11 +424,16 @@ def finite_json(value):
 
 def run_eval(models: list[str], ref: str, *, prompts: str, scorer: str, num_samples: int = 4,
              max_new_tokens: int = 64, output_dir: str = "eval", pairs: str | None = None,
-             beta: float | None = None, batch_size: int = 32, seed: int = 0) -> list[dict[str, Any]]:
+             beta: float | None = None, batch_size: int = 32, seed: int = 0, max_prompts: int | None = None,
+             max_pairs: int | None = None, progress: bool = True) -> list[dict[str, Any]]:
     """``prefopt eval``: evaluate each policy against ``ref``; write ``eval_<name>.json`` per policy
-    and ``frontier.png`` into ``output_dir``. The policies' tokenizer is used for all models."""
+    and ``frontier.png`` into ``output_dir``. The policies' tokenizer is used for all models.
+    ``max_prompts`` / ``max_pairs``: seeded subsets (by ``seed``) of the prompts / pairs."""
     if num_samples < 1 or max_new_tokens < 1 or batch_size < 1:
         raise PrefoptError("--num_samples, --max_new_tokens and --batch_size must be at least 1")
+    for flag, value in (("--max_prompts", max_prompts), ("--max_pairs", max_pairs)):
+        if value is not None and value < 1:
+            raise PrefoptError(f"{flag} must be at least 1 (leave it out for all), got {value}")
     out_dir = Path(output_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise PrefoptError(f"--output_dir {out_dir} exists and is not a directory")
@@ -342,18 +442,39 @@ def run_eval(models: list[str], ref: str, *, prompts: str, scorer: str, num_samp
     score = load_scorer(scorer)
     tokenizer = load_tokenizer(models[0])
     prompt_list = read_prompts(prompts, tokenizer)
+    total_prompts = len(prompt_list)
+    if max_prompts is not None:
+        prompt_list = seeded_subset(prompt_list, max_prompts, seed)
+    pair_list, total_pairs = (load_eval_pairs(pairs, tokenizer, max_pairs=max_pairs, seed=seed) if pairs
+                              else (None, 0))
+    print(eval_plan(models, ref, total_prompts, len(prompt_list), num_samples, max_new_tokens, pairs,
+                    total_pairs, len(pair_list) if pair_list is not None else 0), file=sys.stderr, flush=True)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     ref_model = load_causal_lm(ref).to(device)
     common = dict(num_samples=num_samples, max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size)
-    ref_set = sample_and_score(ref_model, tokenizer, prompt_list, score, progress=True, desc="ref samples", **common)
+    ref_set = sample_and_score(ref_model, tokenizer, prompt_list, score, progress=progress, desc="ref samples",
+                               **common)
+    ref_pair_rows = None
+    if pair_list is not None:
+        ref_pair_rows, cached = reference_pair_logps(
+            ref_model, ref, pair_list, model_collator("auto", pair_list, batch_size, ref_model, tokenizer.pad_token_id,
+                                                      device_type=device.type),
+            batch_size=batch_size, device=device, progress=progress)
+        if cached:
+            print(f"prefopt: reference log-probs of the {len(pair_list)} pairs reused from the cache",
+                  file=sys.stderr)
     results, names = [], set()
     for model_path in models:
         info = run_config(model_path)
         model_beta = beta if beta is not None else info.get("beta")
         policy = load_causal_lm(model_path).to(device)
         result = evaluate_policy(policy, ref_model, tokenizer, prompt_list, score, ref_set=ref_set,
-                                 pairs_file=pairs, beta=model_beta, progress=True,
-                                 desc=f"{Path(model_path).name} samples", **common)
+                                 pairs_file=pair_list, beta=model_beta, progress=progress,
+                                 desc=f"{Path(model_path).name} samples", ref_pair_rows=ref_pair_rows,
+                                 ref_path=ref, **common)
+        result["num_prompts_total"] = total_prompts
+        if pair_list is not None:
+            result["num_pairs_total"] = total_pairs
         name = Path(model_path).resolve().name
         while name in names:
             name += "_"
@@ -362,7 +483,8 @@ def run_eval(models: list[str], ref: str, *, prompts: str, scorer: str, num_samp
                   "beta": model_beta, "alpha": info.get("alpha"), **result}
         results.append(result)
         acc = f", accuracy {result['accuracy']:.3f}" if "accuracy" in result else ""
-        print(f"prefopt: {name}: reward {result['reward']:.4f} (ref {result['reward_ref']:.4f}), "
+        print(f"prefopt: {name}: reward {result['reward']:.4f} ± {result['reward_stderr']:.4f} "
+              f"(ref {result['reward_ref']:.4f} ± {result['reward_ref_stderr']:.4f}), "
               f"KL {result['kl']:.4f} (k3 {result['kl_k3']:.4f}), win rate {result['win_rate']:.3f}{acc}",
               file=sys.stderr)
     # Written only once every model is evaluated: a failure on the second leaves nothing half done.

@@ -42,6 +42,7 @@ from prefopt.training.run_lock import RunLockedError, describe_holder, lock_hold
 RESUME_FREE_KEYS = {
     "resume_from_checkpoint", "overwrite_output_dir", "output_dir", "progress_bar", "report_to",
     "save_total_limit", "log_throughput", "on_nonfinite", "max_skipped_steps", "ignore_data_change",
+    "run_name", "logging_dir",
 }
 
 

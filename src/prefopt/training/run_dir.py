@@ -42,7 +42,8 @@ _ATOMIC_TMP = re.compile(r"^\.(.+)\.\d+\.tmp$")  # io.atomic_path's temporary of
 # one of these names would be overwritten, so starting over next to one is refused; any other foreign
 # file is simply left alone.
 RUN_NAMES = (
-    "config.yaml", "metrics.jsonl", "data_summary.json", "tensorboard", "merged", ".tmp-final-model",
+    "config.yaml", "metrics.jsonl", "data_summary.json", "tensorboard", "runs", "merged", ".tmp-final-model",
+    "training_curves.png",
     "config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json",
     "pytorch_model.bin", "adapter_model.safetensors", "adapter_config.json", "README.md",
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",

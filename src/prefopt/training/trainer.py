@@ -103,7 +103,10 @@ class Trainer:
         for module in extra_modules:
             module.to(acc.device)
         self.output_dir = Path(cfg.output_dir)
-        self.logger = MetricsLogger(self.output_dir, report_to=cfg.report_to, enabled=acc.is_main_process)
+        self.logger = MetricsLogger(self.output_dir, report_to=cfg.report_to, enabled=acc.is_main_process,
+                                    run_name=getattr(cfg, "run_name", None),
+                                    logging_dir=getattr(cfg, "logging_dir", None))
+        self.wall_time = 0.0  # seconds spent in train() (this process, this session)
         self.step = 0
         # The unlogged metrics window lives here so a checkpoint can carry it.
         self.window: dict[str, Any] = {"sums": defaultdict(float), "pairs": 0, "tokens": 0}
@@ -194,8 +197,12 @@ class Trainer:
         n = len(self.eval_data)
         sums: dict[str, float] = defaultdict(float)
         pairs = 0
+        starts = range(0, n, b * acc.num_processes)
+        # Its own bar (left behind when done), so a long evaluation is never a frozen training bar.
+        bar = tqdm(starts, desc=f"eval {n} pairs", unit="batch", dynamic_ncols=True, leave=False,
+                   disable=not (acc.is_main_process and self.cfg.progress_bar))
         # Each process scores a contiguous stripe of every global eval batch; nothing is dropped.
-        for start in range(0, n, b * acc.num_processes):
+        for start in bar:
             lo = start + acc.process_index * b
             shard = list(range(lo, min(lo + b, n)))
             if not shard:
@@ -223,9 +230,12 @@ class Trainer:
             for handle in self.in_place_grads:
                 handle.release()
             self.in_place_grads = []
+            self.logger.close()  # trackers end their run (W&B, MLflow) also when training failed
 
     def _train(self) -> dict[str, float]:
         cfg, acc = self.cfg, self.accelerator
+        began = time.perf_counter()
+        self.logger.start(cfg.to_dict() if hasattr(cfg, "to_dict") else None)
         bar = tqdm(
             total=self.total_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True,
             disable=not (acc.is_main_process and cfg.progress_bar),
@@ -258,11 +268,14 @@ class Trainer:
                 bar.set_postfix(loss=f"{row.get('loss', float('nan')):.4f}", acc=f"{row.get('rewards/accuracies', row.get('accuracy', float('nan'))):.2f}")
                 window.update(sums=defaultdict(float), pairs=0, tokens=0)
                 window_start = time.perf_counter()
+            paused = time.perf_counter()
             if cfg.eval_steps > 0 and self.step % cfg.eval_steps == 0 and self.step < self.total_steps:
                 self.log_eval()
             saved = None
             if cfg.save_steps > 0 and self.step % cfg.save_steps == 0 and self.step < self.total_steps:
                 saved = self.save_checkpoint()
+            # Throughput is training's: time spent evaluating and checkpointing is left out.
+            window_start += time.perf_counter() - paused
             test_hook("step", self.step)
             if self.step < self.total_steps and self.stop_requested():
                 bar.close()
@@ -275,6 +288,7 @@ class Trainer:
             final.update(self.log_eval())
         self.save_final()
         self.logger.close()
+        self.wall_time = time.perf_counter() - began
         return final
 
     def stop_requested(self) -> bool:
@@ -301,7 +315,11 @@ class Trainer:
                              int(self.stop.signum))
 
     def log_eval(self) -> dict[str, float]:
+        began = time.perf_counter()
         row = self.evaluate()
+        if row and self.cfg.log_throughput:  # wall-clock, like tokens_per_second (TRL's eval_runtime)
+            row["eval/runtime"] = time.perf_counter() - began
+            row["eval/pairs"] = len(self.eval_data)
         if row:
             self.logger.log({"step": self.step, **row})
         return row
