@@ -143,7 +143,7 @@ def test_trl_keys_are_not_prefopt_keys_unless_they_translate_values():
     fields = config_fields(TrainConfig)
     for name, entry in TRL_KEYS.items():
         # a prefopt key of the same name wins, so an entry for it would be dead (except value translations)
-        assert name not in fields or entry.target == name or name == "dataset_num_proc", name
+        assert name not in fields or entry.target == name, name
     for name in SAME_NAMED:
         assert name in fields or name in TRL_KEYS, name
 

@@ -85,8 +85,8 @@ def trackers(name: str) -> TrlKey:
     def translate(value):
         if _falsy(value):
             return {}, None
-        raise Refused(f"{name} (trackers) is not supported in this version; metrics go to metrics.jsonl "
-                      "and report_to")
+        raise Refused(f"{name} is not offered; trackers take run_name and logging_dir, and their own "
+                      "environment variables (e.g. WANDB_PROJECT, TRACKIO_PROJECT)")
 
     return TrlKey("see trackers", "", "trackers: `report_to`", translate)
 
@@ -259,8 +259,6 @@ TRL_KEYS: dict[str, TrlKey] = {
     "group_by_length": only(False, "group_by_length is not offered; layout: packed removes padding instead"),
     "generate_during_eval": only(False, "generate_during_eval is not offered; sample and score with "
                                  "`prefopt eval` (docs/evaluation.md)"),
-    "dataset_num_proc": no_effect("dataset_num_proc has no effect in this version: tokenization runs in the "
-                                  "main process"),
     "precompute_ref_batch_size": no_effect("precompute_ref_batch_size has no effect: the reference pass uses "
                                            "per_device_eval_batch_size"),
     # --- the loss ---
@@ -342,8 +340,6 @@ TRL_KEYS: dict[str, TrlKey] = {
     "ignore_data_skip": only(False, "ignore_data_skip is not offered: resume always continues at the exact data "
                              "position"),
     "restore_callback_states_from_checkpoint": no_effect("prefopt has no callbacks", note=False),
-    "run_name": trackers("run_name"),
-    "logging_dir": trackers("logging_dir"),
     "push_to_hub": only(False, "push_to_hub is not offered; upload output_dir afterwards (`hf upload REPO "
                         "OUTPUT_DIR`)"),
     "hub_model_id": no_effect("used by TRL only with push_to_hub", note=False),
@@ -456,8 +452,8 @@ SAME_NAMED: dict[str, str] = {
     "gradient_checkpointing": "DPOConfig's default is true, prefopt's false",
     "bf16": "DPOConfig's default is true, prefopt's false", "fp16": "", "tf32": "", "torch_compile": "",
     "output_dir": "", "overwrite_output_dir": "transformers < 5", "logging_steps": "", "eval_steps": "",
-    "save_steps": "", "save_total_limit": "", "resume_from_checkpoint": "", "report_to": "see trackers",
-    "run_name": "see trackers", "logging_dir": "see trackers",
+    "save_steps": "", "save_total_limit": "", "resume_from_checkpoint": "", "report_to": "a name, a list, `all` or `none`, through Accelerate's trackers",
+    "run_name": "", "logging_dir": "default OUTPUT_DIR/runs",
     "use_peft": "TRL's ModelConfig", "lora_r": "TRL's ModelConfig", "lora_alpha": "TRL's ModelConfig",
     "lora_dropout": "TRL's ModelConfig", "lora_target_modules": "TRL's ModelConfig",
     "load_in_4bit": "TRL's ModelConfig",
