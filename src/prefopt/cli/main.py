@@ -71,38 +71,32 @@ def _validate_args(parser: argparse.ArgumentParser) -> None:
     config_command_args(parser, "validate")
 
 
-@command("validate", "Check a dataset as training would and print what was read, kept and dropped.",
-         _validate_args)
-def _validate(args, unknown) -> int:
+def _check_datasets(args, unknown, command: str) -> int:
+    """``validate`` and ``prepare``: the same reading, checking and store building; print the summaries."""
     import json
 
     from prefopt.data.prepare import summary_text
     from prefopt.recipes import validate_datasets
 
-    summaries = validate_datasets(config_from_args(args, unknown))
+    summaries = validate_datasets(config_from_args(args, unknown), command=command)
     if args.json:
         print(json.dumps(summaries, indent=2))
     else:
         for role, s in summaries.items():
             print(summary_text(role, s))
     return 0
+
+
+@command("validate", "Check a dataset as training would and print what was read, kept and dropped.",
+         _validate_args)
+def _validate(args, unknown) -> int:
+    return _check_datasets(args, unknown, "validate")
 
 
 @command("prepare", "Tokenize the datasets into the cached store training opens (run before a multi-node launch).",
          _validate_args)
 def _prepare(args, unknown) -> int:
-    import json
-
-    from prefopt.data.prepare import summary_text
-    from prefopt.recipes import validate_datasets
-
-    summaries = validate_datasets(config_from_args(args, unknown), command="prepare")
-    if args.json:
-        print(json.dumps(summaries, indent=2))
-    else:
-        for role, s in summaries.items():
-            print(summary_text(role, s))
-    return 0
+    return _check_datasets(args, unknown, "prepare")
 
 
 def _cache_args(parser: argparse.ArgumentParser) -> None:

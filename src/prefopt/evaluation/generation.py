@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 import torch
 
-from prefopt.evaluation.policy import Sample
+from prefopt.evaluation.policy import Sample, left_pad
 
 
 def row_seed(*parts: int) -> int:
@@ -94,13 +94,8 @@ def sample_seeded(
     for start in range(0, len(jobs), batch_size):
         chunk = jobs[start : start + batch_size]
         prompts = [list(prompt_ids[i]) for i, _ in chunk]
-        width = max(len(p) for p in prompts)
-        # Left padding: every prompt ends at the same column, where generation starts.
-        input_ids = torch.full((len(chunk), width), pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for r, p in enumerate(prompts):
-            input_ids[r, width - len(p):] = torch.tensor(p)
-            attention_mask[r, width - len(p):] = 1
+        input_ids, attention_mask = left_pad(prompts, pad_token_id)
+        width = input_ids.shape[1]
         generators = [torch.Generator().manual_seed(row_seed(seed, stream, keys[i], k)) for i, k in chunk]
         processor = GumbelRowSampler(generators, temperature=temperature, top_p=top_p)
         generated = model.generate(

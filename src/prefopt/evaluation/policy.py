@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -60,6 +61,18 @@ def encode_prompts(tokenizer, prompts: Sequence[str]) -> list[list[int]]:
 
 
 @torch.no_grad()
+def left_pad(prompts: Sequence[Sequence[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Input ids and attention mask of prompts padded on the left: every prompt ends at the same
+    column, where generation starts."""
+    width = max(len(p) for p in prompts)
+    input_ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for r, p in enumerate(prompts):
+        input_ids[r, width - len(p):] = torch.tensor(list(p))
+        attention_mask[r, width - len(p):] = 1
+    return input_ids, attention_mask
+
+
 def sample(
     model,
     prompt_ids: list[list[int]],
@@ -88,13 +101,8 @@ def sample(
         for start in tqdm(range(0, len(jobs), batch_size), desc=desc, unit="batch", disable=not progress):
             chunk = jobs[start : start + batch_size]
             prompts = [prompt_ids[i] for i, _ in chunk]
-            width = max(len(p) for p in prompts)
-            # Left padding: every prompt ends at the same column, where generation starts.
-            input_ids = torch.full((len(chunk), width), pad_token_id, dtype=torch.long)
-            attention_mask = torch.zeros((len(chunk), width), dtype=torch.long)
-            for r, p in enumerate(prompts):
-                input_ids[r, width - len(p) :] = torch.tensor(p)
-                attention_mask[r, width - len(p) :] = 1
+            input_ids, attention_mask = left_pad(prompts, pad_token_id)
+            width = input_ids.shape[1]
             generated = model.generate(
                 input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
                 do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=max_new_tokens,
@@ -220,8 +228,9 @@ def preference_accuracy(policy, ref, pairs_file: str | list[TokenizedPair], toke
     pairs with ``beta*(log pi(y_w)-log ref(y_w)) > beta*(log pi(y_l)-log ref(y_l))``, the mean
     margin and its standard error. Tokenized exactly as training tokenizes. ``ref_rows``: the
     reference's log-probs of these pairs, already known (else ``reference_pair_logps``)."""
-    pairs = pairs_file if isinstance(pairs_file, list) else load_eval_pairs(pairs_file, tokenizer,
-                                                                            max_length=max_length)[0]
+    # A file is read here; pairs already loaded (a list, or the store ``load_eval_pairs`` returns) are used.
+    pairs = (load_eval_pairs(str(pairs_file), tokenizer, max_length=max_length)[0]
+             if isinstance(pairs_file, str | os.PathLike) else pairs_file)
     device = device or next(policy.parameters()).device
     # Training's `layout: auto` (a long prompt runs once for both responses): the same log-probs as
     # the plain padded layout, at a fraction of the cost on long-prompt data such as TL;DR.
