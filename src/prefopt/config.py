@@ -401,14 +401,8 @@ class TrainConfig:
                               f"{self.max_prompt_length}")
         if self.max_completion_length is not None and self.max_completion_length < 1:
             raise ConfigError(f"max_completion_length must be at least 1 or null; got {self.max_completion_length}")
-        if not 0.0 <= self.warmup_ratio <= 1.0:
-            raise ConfigError(f"warmup_ratio must be in [0, 1], got {self.warmup_ratio}")
         if self.warmup_ratio and self.warmup_steps:
             raise ConfigError("warmup_steps and warmup_ratio exclude each other; set one")
-        if self.warmup_steps < 0:
-            raise ConfigError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
-        if not 0.0 <= self.min_lr_rate <= 1.0:
-            raise ConfigError(f"min_lr_rate must be in [0, 1], got {self.min_lr_rate}")
         if self.max_prompt_length not in (None, -1) and self.max_prompt_length >= self.max_length:
             raise ConfigError(
                 f"max_prompt_length ({self.max_prompt_length}) must be below max_length ({self.max_length})"

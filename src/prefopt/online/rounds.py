@@ -268,7 +268,7 @@ class OnlineRun:
         _write_json(rd / "train_result.json", result)
 
     # --- the run
-    def run(self, run_dir: RunDirectory | None = None) -> list[dict[str, Any]]:
+    def run(self, run_dir: RunDirectory) -> list[dict[str, Any]]:
         cfg = self.cfg
         policy_path = cfg.model_name_or_path
         total = cfg.rounds + 1
@@ -291,8 +291,7 @@ class OnlineRun:
                 break
             if not (rd / "train_result.json").is_file():
                 self.train_stage(round_no, rd, policy_path)
-            if run_dir is not None:
-                run_dir.commit()  # a trained round exists: an earlier run moved aside is no longer needed
+            run_dir.commit()  # a trained round exists: an earlier run moved aside is no longer needed
             policy_path = json.loads((rd / "train_result.json").read_text())["policy"]
             self.write_metrics()
         rows = self.write_metrics()
@@ -328,7 +327,7 @@ class OnlineRun:
         write_jsonl_atomic(self.out / "metrics.jsonl", rows)
         return rows
 
-    def save_final(self, policy_path: str, run_dir: RunDirectory | None = None) -> None:
+    def save_final(self, policy_path: str, run_dir: RunDirectory) -> None:
         """The final policy into output_dir, loadable with ``from_pretrained(output_dir)``: written
         into a staging folder, then each file renamed into place (never half a model at the top)."""
         model = self.load_policy(policy_path)
@@ -337,12 +336,7 @@ class OnlineRun:
             shutil.rmtree(staging)
         model.save_pretrained(staging)
         self.tokenizer.save_pretrained(staging)
-        if run_dir is not None:
-            run_dir.install_model(staging)
-        else:
-            from prefopt.training.run_dir import move_files
-
-            move_files(staging, self.out)
+        run_dir.install_model(staging)
         print(f"prefopt online: final policy saved to {self.out}", file=sys.stderr)
 
 
