@@ -46,18 +46,15 @@ from prefopt.recipes import train
 from prefopt.training.checkpoint import latest_checkpoint, test_hook
 from prefopt.training.metrics import read_metrics
 from prefopt.training.preflight import (
+    check_fresh_start,
     check_model_paths,
-    check_not_in_use,
-    describe_contents,
+    check_output_place,
     warn_config_changes,
 )
 from prefopt.training.run_dir import (
     PATH_KEYS,
     RunDirectory,
     RunRecord,
-    check_location,
-    check_overwrite,
-    check_writable,
     contents,
 )
 from prefopt.training.run_lock import RunLock
@@ -98,24 +95,14 @@ def _plan_output_dir(cfg: TrainConfig) -> tuple[Path, bool, bool]:
     """(output_dir, resuming, overwriting). The rules of ``prefopt train``: a safe location (not the
     model, prompts or reward model, nor the current/home/root directory), writable, not in use, and
     a non-empty directory only with --resume or with --overwrite_output_dir over a recorded run."""
-    check_location(cfg, keys=(*PATH_KEYS, "prompts", "reward_model"))
-    out = Path(cfg.output_dir)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"output_dir {out} exists and is not a directory")
-    check_writable(out)
-    check_not_in_use(out)
+    out = check_output_place(cfg, keys=(*PATH_KEYS, "prompts", "reward_model"))
     occupied = bool(contents(out))
     if cfg.resume_from_checkpoint not in (None, "latest"):
         raise ConfigError("resume_from_checkpoint: prefopt online resumes the whole run (--resume, or `latest`); "
                           "a round's own checkpoints are found automatically")
     if cfg.resume_from_checkpoint:
         return out, occupied, False
-    if occupied and not cfg.overwrite_output_dir:
-        raise ConfigError(
-            f"output_dir {out} already holds files ({describe_contents(out)}); pass --resume to continue "
-            "that run, --overwrite_output_dir to start over, or choose another output_dir")
-    if occupied:
-        check_overwrite(out, RunRecord.read(out))
+    check_fresh_start(cfg, out, RunRecord.read(out) if out.is_dir() else None)
     return out, False, occupied
 
 

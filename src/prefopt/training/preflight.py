@@ -29,6 +29,7 @@ from prefopt.training.checkpoint import (
     verify,
 )
 from prefopt.training.run_dir import (
+    PATH_KEYS,
     RunRecord,
     check_location,
     check_overwrite,
@@ -75,15 +76,35 @@ def check_not_in_use(out: Path) -> None:
                              "wait for it to finish or choose another output_dir")
 
 
-def plan_run(cfg) -> RunPlan:
-    """Decide fresh run / resume / overwrite, or refuse. Reads only; writes nothing."""
-    check_model_paths(cfg)
-    check_location(cfg)
+def check_output_place(cfg, keys: tuple[str, ...] = PATH_KEYS) -> Path:
+    """``output_dir`` may hold a run: a safe location (``check_location``, with ``keys`` naming the
+    run's input paths), a directory if it exists, writable, and not in use by another run."""
+    check_location(cfg, keys)
     out = Path(cfg.output_dir)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"output_dir {out} exists and is not a directory")
     check_writable(out)
     check_not_in_use(out)
+    return out
+
+
+def check_fresh_start(cfg, out: Path, record: RunRecord | None) -> None:
+    """A new run (not a resume) in ``out``: an empty directory, or ``--overwrite_output_dir`` over
+    what a recorded run wrote."""
+    if not contents(out):
+        return
+    if not cfg.overwrite_output_dir:
+        raise ConfigError(
+            f"output_dir {out} already holds files ({describe_contents(out)}); pass --resume to continue "
+            "that run, --overwrite_output_dir to start over, or choose another output_dir"
+        )
+    check_overwrite(out, record)
+
+
+def plan_run(cfg) -> RunPlan:
+    """Decide fresh run / resume / overwrite, or refuse. Reads only; writes nothing."""
+    check_model_paths(cfg)
+    out = check_output_place(cfg)
     record = RunRecord.read(out) if out.is_dir() else None
     occupied = bool(contents(out))
     resume = cfg.resume_from_checkpoint
@@ -125,13 +146,7 @@ def plan_run(cfg) -> RunPlan:
         warn_config_changes(cfg, ckpt.parent / "config.yaml")
         print(f"prefopt: resuming from {ckpt}", file=sys.stderr)
         return RunPlan(resume_from=ckpt)
-    if occupied and not cfg.overwrite_output_dir:
-        raise ConfigError(
-            f"output_dir {out} already holds files ({describe_contents(out)}); pass --resume to continue "
-            "that run, --overwrite_output_dir to start over, or choose another output_dir"
-        )
-    if occupied:
-        check_overwrite(out, record)
+    check_fresh_start(cfg, out, record)
     return RunPlan(overwrite=occupied)
 
 
