@@ -11,6 +11,7 @@ tokenizer, a list of dicts or a ``datasets.Dataset``), which is what the public 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from collections.abc import Callable
@@ -32,10 +33,15 @@ from prefopt.memory import return_freed_memory
 from prefopt.modeling.attention import model_collator
 from prefopt.modeling.load import finish_loading, freeze, frozen_copy, load_causal_lm, load_tokenizer
 from prefopt.modeling.logprobs import score_pairs
-from prefopt.modeling.peft import add_lora, merge_adapter, quantization_config
+from prefopt.modeling.peft import add_lora, is_peft_model, load_lora, merge_adapter, quantization_config
 from prefopt.modeling.reward_model import ScalarRewardModel, load_reward_model
 from prefopt.objectives.preference import PreferenceObjective
-from prefopt.objectives.reference import AdapterOffReference, AutocastReference, LiveReference
+from prefopt.objectives.reference import (
+    AdapterOffReference,
+    AdapterSnapshotReference,
+    AutocastReference,
+    LiveReference,
+)
 from prefopt.objectives.reference_cache import cached_reference, store_rows
 from prefopt.objectives.reward import RewardObjective, check_margin_scores
 from prefopt.training.checkpoint import restore
@@ -162,16 +168,18 @@ def finish_run(cfg: TrainConfig, trainer: Trainer, final: dict[str, Any], summar
 
 
 def build_models(cfg: TrainConfig, accelerator, options: LossOptions | None = None, *, live_reference: bool = True,
-                 model=None, ref_model=None):
+                 model=None, ref_model=None, adapter: str | None = None, adapter_reference: bool = False):
     """The policy to train and the ``reference(batch, *, per_token)`` callable, for every
     combination of engine, precision and adapter:
 
     - a reference model (``ref_model_name_or_path`` or ``ref_model``): that model, frozen, placed by
       ``prepare_reference``;
-    - ``use_peft``: the policy's base weights with the adapter off (no second copy);
+    - ``use_peft``: the policy's base weights with the adapter off (no second copy), or with
+      ``adapter_reference`` a frozen snapshot of the starting ``adapter`` beside the trained one;
     - otherwise: a frozen copy of the initial policy, placed by ``prepare_reference``.
 
-    ``model``/``ref_model`` are models given as objects (then used in place of the paths).
+    ``model``/``ref_model`` are models given as objects (then used in place of the paths);
+    ``adapter`` (``use_peft``) a saved adapter to continue training instead of a new one.
     """
     options = options or cfg.loss_options()
     dtype = load_dtype(cfg)
@@ -208,9 +216,10 @@ def build_models(cfg: TrainConfig, accelerator, options: LossOptions | None = No
         reference = LiveReference(prepare_reference(frozen_copy(policy), accelerator))
     _enable_gradient_checkpointing(cfg, policy)
     if cfg.use_peft:
-        policy = add_lora(policy, cfg)
+        policy = add_lora(policy, cfg) if adapter is None else load_lora(policy, adapter)
         if reference is None and needs_reference:
-            reference = AdapterOffReference(policy)
+            reference = (AdapterSnapshotReference(policy, adapter) if adapter_reference and adapter is not None
+                         else AdapterOffReference(policy))
     if reference is not None and accelerator.mixed_precision != "no":
         reference = AutocastReference(reference, accelerator)
     return policy, reference
@@ -228,14 +237,19 @@ def _enable_gradient_checkpointing(cfg: TrainConfig, model) -> None:
 
 
 def train(cfg: TrainConfig, *, model=None, tokenizer=None, ref_model=None, train_dataset=None,
-          eval_dataset=None) -> dict[str, Any]:
+          eval_dataset=None, adapter: str | None = None, adapter_reference: bool = False) -> dict[str, Any]:
     """``prefopt train``: DPO/ODPO/... on ``cfg``. Returns the last logged metrics (and the eval
     metrics of the end of training); the model, tokenizer, config and metrics land in ``output_dir``.
 
     ``model``, ``tokenizer``, ``ref_model``: objects instead of ``model_name_or_path``,
     ``tokenizer_name_or_path``, ``ref_model_name_or_path`` (the model is trained in place).
     ``train_dataset``, ``eval_dataset``: rows in memory (a list of dicts or a ``datasets.Dataset``)
-    instead of ``dataset``, ``eval_dataset``; the same formats and checks as files."""
+    instead of ``dataset``, ``eval_dataset``; the same formats and checks as files.
+    ``adapter`` (with ``use_peft``): a saved LoRA adapter of ``model_name_or_path`` to continue
+    training instead of a new one; ``adapter_reference``: the reference is the policy as it starts
+    (base + that adapter, frozen) instead of the base (``prefopt online``'s per-round reference)."""
+    if adapter is not None and not cfg.use_peft:
+        raise ConfigError("a starting adapter needs use_peft: true")
     plan, accelerator, tokenizer = _start(cfg, model=model, tokenizer=tokenizer, train_dataset=train_dataset)
     options = cfg.loss_options()
     train_pairs, eval_pairs, summaries = prepare_train_eval(cfg, tokenizer, train_data=train_dataset,
@@ -246,14 +260,23 @@ def train(cfg: TrainConfig, *, model=None, tokenizer=None, ref_model=None, train
     # A precomputed reference replaces the live one: no second model is held for it.
     precompute = cfg.precompute_ref_log_probs and options.needs_reference
     policy, reference = build_models(cfg, accelerator, options, live_reference=not precompute, model=model,
-                                     ref_model=ref_model)
+                                     ref_model=ref_model, adapter=adapter, adapter_reference=adapter_reference)
     collator = model_collator(cfg.layout, train_pairs, cfg.per_device_train_batch_size, policy,
                               tokenizer.pad_token_id, cfg.pack_row_tokens, device_type=accelerator.device.type)
     if precompute:
-        reference, eval_pairs = cached_reference(cfg, policy, train_pairs, eval_pairs, collator, accelerator,
-                                                 ref_model=ref_model, per_token=options.reference_per_token)
+        # A continued adapter: the reference is the base (adapter off) or the policy as it starts
+        # (adapter on). Its values belong to this adapter, which the cache key (the model's files)
+        # does not name: computed in memory, not stored.
+        adapter_off = (adapter is not None and not adapter_reference and not cfg.ref_model_name_or_path
+                       and ref_model is None)
+        with policy.disable_adapter() if adapter_off else contextlib.nullcontext():
+            reference, eval_pairs = cached_reference(cfg, policy, train_pairs, eval_pairs, collator, accelerator,
+                                                     ref_model=ref_model, per_token=options.reference_per_token,
+                                                     use_cache=adapter is None or bool(cfg.ref_model_name_or_path))
 
     def save_model(model, directory: Path, **kwargs) -> None:
+        if is_peft_model(model):  # only the trained adapter, not a reference snapshot beside it
+            kwargs["selected_adapters"] = [model.active_adapter]
         model.save_pretrained(directory, **kwargs)  # a PEFT model writes only its adapter
         tokenizer.save_pretrained(directory)
 

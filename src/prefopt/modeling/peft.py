@@ -68,6 +68,26 @@ def add_lora(model: torch.nn.Module, cfg) -> torch.nn.Module:
         raise ConfigError(f"cannot add LoRA adapters: {str(e).splitlines()[0]}") from None
 
 
+def load_lora(model: torch.nn.Module, adapter_dir: str | Path) -> torch.nn.Module:
+    """``model`` with the LoRA adapter saved in ``adapter_dir`` applied and trainable: continued
+    training of an adapter (each round of ``prefopt online`` with ``use_peft`` starts from the
+    adapter the previous round ended with)."""
+    peft = _require_peft()
+    return peft.PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=True)
+
+
+def is_adapter_dir(path: str | Path) -> bool:
+    """A directory holding a saved PEFT adapter (not a full model)."""
+    return (Path(path) / "adapter_config.json").is_file()
+
+
+def merged_copy(model: torch.nn.Module, adapter_dir: str | Path) -> torch.nn.Module:
+    """``model`` with the adapter in ``adapter_dir`` folded into its weights: a plain model, as fast
+    to sample from as the base (no LoRA branch in every forward)."""
+    peft = _require_peft()
+    return peft.PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
+
+
 def is_peft_model(model: torch.nn.Module) -> bool:
     try:
         from peft import PeftModel

@@ -8,6 +8,8 @@ LD-DPO needs to weigh the reference's tokens like the policy's. Every kind answe
 
 - ``LiveReference``: a frozen model, batch by batch (a copy of the initial policy, or another model);
 - ``AdapterOffReference``: the policy's own base weights with its LoRA adapter switched off;
+- ``AdapterSnapshotReference``: the policy's base weights with a frozen second adapter, the one the
+  trainable adapter started from (``prefopt online``'s per-round reference under LoRA);
 - ``CachedReference``: values precomputed once and looked up by ``batch["pair_index"]``
   (``reference_cache.py`` builds them and keeps them on disk);
 - ``AutocastReference``: any of the above under the run's mixed-precision autocast.
@@ -68,6 +70,37 @@ class AdapterOffReference:
             with self.model.disable_adapter(), transient_heap():
                 return model_logps(self.model, batch, per_token)
         finally:
+            self.model.train(was_training)
+
+
+class AdapterSnapshotReference:
+    """Reference log-probs from the policy's base weights with a frozen copy of the adapter the
+    training started from, loaded beside the trainable one as a second adapter: the policy as it
+    was at the start, without a second copy of the base weights (TRL's ``ref_adapter_name``). At
+    the first step the two adapters are equal and every implicit reward is exactly 0."""
+
+    NAME = "reference"
+
+    def __init__(self, model: torch.nn.Module, adapter_dir: str):
+        if not is_peft_model(model):
+            raise PrefoptError("AdapterSnapshotReference needs a peft.PeftModel")
+        self.model = model
+        self.trained = model.active_adapter
+        model.load_adapter(adapter_dir, adapter_name=self.NAME, is_trainable=False)
+        model.set_adapter(self.trained)  # loading must not change which adapter trains
+
+    @torch.no_grad()
+    def __call__(self, batch, *, per_token: bool = False):
+        was_training = self.model.training
+        self.model.eval()
+        # set_adapter also sets requires_grad: the snapshot is switched on frozen, the trained
+        # adapter back on trainable. Under no_grad nothing records either flag in between.
+        self.model.set_adapter(self.NAME, inference_mode=True)
+        try:
+            with transient_heap():
+                return model_logps(self.model, batch, per_token)
+        finally:
+            self.model.set_adapter(self.trained)
             self.model.train(was_training)
 
 

@@ -235,12 +235,13 @@ def free_memory() -> None:
 
 
 def cached_reference(cfg, policy, train_pairs: list[TokenizedPair], eval_pairs: list[TokenizedPair] | None,
-                     collator, accelerator, *, ref_model=None, per_token: bool = False
+                     collator, accelerator, *, ref_model=None, per_token: bool = False, use_cache: bool = True
                      ) -> tuple[CachedReference, list[TokenizedPair] | None]:
     """``train``'s precomputed reference: tables for the training (and eval) pairs, from the cache or
     one pass of the reference model, which is freed afterwards. Eval pairs come back re-indexed
     past the training indices, so one lookup by ``pair_index`` serves both. ``ref_model`` is a
-    reference given as a Python object; ``per_token`` stores per-token values (``ld_alpha``)."""
+    reference given as a Python object; ``per_token`` stores per-token values (``ld_alpha``);
+    ``use_cache`` false: computed in memory only (values the model's files do not determine)."""
 
     def load_model():
         if ref_model is not None:
@@ -254,7 +255,7 @@ def cached_reference(cfg, policy, train_pairs: list[TokenizedPair], eval_pairs: 
 
     datasets = [train_pairs] + ([eval_pairs] if eval_pairs else [])
     model_path = None if ref_model is not None else (cfg.ref_model_name_or_path or cfg.model_name_or_path)
-    cache = ReferenceCache(cfg.ref_logps_cache_dir) if model_path else None
+    cache = ReferenceCache(cfg.ref_logps_cache_dir) if model_path and use_cache else None
     tables, stats = precompute(cfg, datasets, load_model, collator, accelerator, cache, model_path,
                                per_token=per_token)
     parts = [(tables[0], 0)]

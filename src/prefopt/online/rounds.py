@@ -19,11 +19,22 @@ per round (``round``, ``samples/*``) followed by that round's training rows (``r
 ``round_step``, and ``step`` counted over all rounds). The final policy is saved to ``output_dir``.
 
 Nothing here is a second training loop: a round's training is one call of ``recipes.train``.
+
+With ``use_peft`` the policy is a LoRA adapter on the base model: each round continues training the
+adapter the previous round ended with (``rounds/N/train`` holds it), sampling uses a copy of the base
+with that adapter merged in, the fixed reference is the base with the adapter switched off, and the
+per-round reference a frozen snapshot of the starting adapter beside the trained one. Under a
+launcher (``torchrun``) every process samples and scores its share of the prompts and the shares are
+gathered (``online.ranks``); only the main process writes.
+
+Memory: besides training, at most one policy is held (sampling, then the KL pass), and the initial
+policy is loaded only for the KL pass and released after it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import math
 import shutil
@@ -41,9 +52,12 @@ from prefopt.evaluation.policy import Sample, encode_prompts, kl_estimates, read
 from prefopt.evaluation.scorers import load_scorer
 from prefopt.io import write_jsonl_atomic, write_text_atomic
 from prefopt.modeling.load import load_causal_lm, load_tokenizer
+from prefopt.modeling.peft import add_lora, is_adapter_dir, merge_adapter, merged_copy
 from prefopt.online.pairing import build_pairs
+from prefopt.online.ranks import Ranks
 from prefopt.recipes import train
 from prefopt.training.checkpoint import latest_checkpoint, test_hook
+from prefopt.training.distributed import load_dtype
 from prefopt.training.metrics import read_metrics
 from prefopt.training.preflight import (
     check_fresh_start,
@@ -117,8 +131,9 @@ def _write_json(path: Path, value: dict[str, Any]) -> None:
 class OnlineRun:
     """One ``prefopt online`` run: the loaded pieces shared by the rounds, and the stages."""
 
-    def __init__(self, cfg: TrainConfig, *, progress: bool = True):
+    def __init__(self, cfg: TrainConfig, *, ranks: Ranks | None = None, progress: bool = True):
         self.cfg = cfg
+        self.ranks = ranks or Ranks()
         self.progress = progress
         self.out = Path(cfg.output_dir)
         self.prompts = unique_prompts(cfg.prompts, cfg.prompt_column)
@@ -128,31 +143,47 @@ class OnlineRun:
         if cfg.reward_model and not Path(cfg.reward_model).is_dir():
             raise ConfigError(f"reward_model: not a directory: {cfg.reward_model}")
         self.score_fn = load_scorer(cfg.reward_model or cfg.scorer)
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self._initial = None
-        self._policy: tuple[str, Any] | None = None  # (path, model): the last policy loaded
+        self.device = self.ranks.device
+        self._policy: tuple[str, Any] | None = None  # (path, model): the policy of the current round
+
+    def say(self, message: str) -> None:
+        if self.ranks.is_main:
+            print(f"prefopt online: {message}", file=sys.stderr, flush=True)
 
     # --- models
-    def initial_model(self):
-        """The initial policy, for the KL of every round (loaded once)."""
-        if self._initial is None:
-            self._initial = load_causal_lm(self.cfg.model_name_or_path).to(self.device)
-        return self._initial
+    def _load(self, path: str):
+        """A policy as a plain model: a model directory, or (use_peft) an adapter of the base merged into a copy."""
+        if is_adapter_dir(path):
+            return merged_copy(load_causal_lm(self.cfg.model_name_or_path), path).to(self.device)
+        return load_causal_lm(path).to(self.device)
 
     def load_policy(self, path: str):
-        if path == self.cfg.model_name_or_path:
-            return self.initial_model()
+        """The policy at ``path``, kept from sampling to the KL pass of its round (one at a time)."""
         if self._policy is None or self._policy[0] != path:
-            self._policy = None  # free the previous round's policy first
-            self._policy = (path, load_causal_lm(path).to(self.device))
+            self.release_policy()  # free the previous round's policy first
+            self._policy = (path, self._load(path))
         return self._policy[1]
+
+    def release_policy(self) -> None:
+        self._policy = None
+        gc.collect()
 
     def reference_for(self, policy_path: str) -> str | None:
         """``ref_model_name_or_path`` of a round's training: the initial policy (fixed) or none, which
-        makes ``train`` use a frozen copy of the policy it starts from (per_round)."""
+        makes ``train`` use a frozen copy of the policy it starts from (per_round). With use_peft
+        none as well: ``train`` takes the base with the adapter off (fixed), or a frozen snapshot of
+        the adapter the round starts from (per_round), without a second copy of the weights."""
         if self.cfg.reference_update == "per_round":
             return None
+        if self.cfg.use_peft:
+            return self.cfg.ref_model_name_or_path
         return self.cfg.ref_model_name_or_path or self.cfg.model_name_or_path
+
+    def _logps(self, model, samples: list[Sample]) -> list[float]:
+        """This process's samples' log-probs under ``model``, gathered from every process."""
+        mine = (sample_logps(model, samples, pad_token_id=self.tokenizer.pad_token_id,
+                             batch_size=self.cfg.generation_batch_size).tolist() if samples else [])
+        return self.ranks.gather(mine)
 
     # --- stages
     def sample_stage(self, round_no: int, rd: Path, policy_path: str) -> None:
@@ -161,26 +192,36 @@ class OnlineRun:
         indices = round_prompts(len(self.prompts), cfg.prompts_per_round, round_no, cfg.seed)
         texts = [self.prompts[i] for i in indices]
         policy = self.load_policy(policy_path)
+        # This process's share of the prompts, each keyed by its position in the round: a sample's
+        # random stream is (seed, round, position, sample), whichever process draws it.
+        mine = self.ranks.share(len(texts))
         samples = sample_seeded(
-            policy, encode_prompts(self.tokenizer, texts), num_samples=cfg.samples_per_prompt,
+            policy, encode_prompts(self.tokenizer, [texts[i] for i in mine]), num_samples=cfg.samples_per_prompt,
             max_new_tokens=cfg.max_new_tokens, pad_token_id=self.tokenizer.pad_token_id,
             eos_token_id=self.tokenizer.eos_token_id, seed=cfg.seed, stream=round_no, temperature=cfg.temperature,
-            top_p=cfg.top_p, batch_size=cfg.generation_batch_size, device=self.device)
+            top_p=cfg.top_p, batch_size=cfg.generation_batch_size, prompt_keys=list(mine),
+            device=self.device) if len(mine) else []
         test_hook("online-sample", round_no)  # crash tests: killed with the samples drawn but not written
-        rows = [{"prompt_index": indices[s.prompt_index], "sample_index": s.sample_index,
-                 "prompt": texts[s.prompt_index],
-                 "completion": self.tokenizer.decode(s.completion_ids, skip_special_tokens=True),
-                 "prompt_ids": s.prompt_ids, "completion_ids": s.completion_ids} for s in samples]
-        write_jsonl_atomic(rd / "generations.jsonl", rows)
-        _write_json(rd / "sample_time.json", {"seconds": time.perf_counter() - started})
+        rows = self.ranks.gather([
+            {"prompt_index": indices[mine[s.prompt_index]], "sample_index": s.sample_index,
+             "prompt": texts[mine[s.prompt_index]],
+             "completion": self.tokenizer.decode(s.completion_ids, skip_special_tokens=True),
+             "prompt_ids": s.prompt_ids, "completion_ids": s.completion_ids} for s in samples])
+        if self.ranks.is_main:
+            write_jsonl_atomic(rd / "generations.jsonl", rows)
+            _write_json(rd / "sample_time.json", {"seconds": time.perf_counter() - started})
+        self.ranks.barrier()  # the others read the file once it is complete
 
     def score_stage(self, round_no: int, rd: Path, policy_path: str, *, final: bool) -> None:
         cfg = self.cfg
         started = time.perf_counter()
         rows = _read_jsonl(rd / "generations.jsonl")
+        k = cfg.samples_per_prompt
+        mine = self.ranks.share(len(rows) // k)  # this process's prompts, with all their samples
+        my_rows = rows[mine.start * k : mine.stop * k]
         # The scorer sees prompt + completion as `prefopt eval` gives them.
-        texts = [f"{r['prompt']} {r['completion'].strip()}".strip() for r in rows]
-        scores = self.score_fn(texts)
+        texts = [f"{r['prompt']} {r['completion'].strip()}".strip() for r in my_rows]
+        scores = self.ranks.gather(list(self.score_fn(texts)) if texts else [])
         test_hook("online-score", round_no)
         bad = [i for i, s in enumerate(scores) if not math.isfinite(s)]
         if bad:
@@ -188,20 +229,28 @@ class OnlineRun:
                                f"score ({scores[bad[0]]}) for this sample")
         scored_seconds = time.perf_counter() - started
         # KL of the sampling policy to the initial one, estimated on these samples as `prefopt eval` does.
-        samples = [Sample(n // cfg.samples_per_prompt, r["sample_index"], r["prompt_ids"], r["completion_ids"])
-                   for n, r in enumerate(rows)]
-        pad = self.tokenizer.pad_token_id
-        policy = self.load_policy(policy_path)
-        pol_logps = sample_logps(policy, samples, pad_token_id=pad, batch_size=cfg.generation_batch_size)
-        init_logps = (pol_logps if policy is self.initial_model() else
-                      sample_logps(self.initial_model(), samples, pad_token_id=pad, batch_size=cfg.generation_batch_size))
-        kl = kl_estimates(pol_logps, init_logps)
-        k = cfg.samples_per_prompt
+        samples = [Sample(n // k, r["sample_index"], r["prompt_ids"], r["completion_ids"])
+                   for n, r in enumerate(my_rows)]
+        pol_logps = self._logps(self.load_policy(policy_path), samples)
+        if policy_path == cfg.model_name_or_path:
+            init_logps = pol_logps  # the policy is the initial one
+        else:
+            # The initial policy only for this pass: the round's policy is freed first, the
+            # initial one right after (one model at a time besides training).
+            self.release_policy()
+            initial = load_causal_lm(cfg.model_name_or_path).to(self.device)
+            init_logps = self._logps(initial, samples)
+            del initial
+            gc.collect()
+        kl = kl_estimates(torch.tensor(pol_logps), torch.tensor(init_logps))
         groups = [scores[i : i + k] for i in range(0, len(scores), k)]
         # An empty response has a score but is not trainable (a pair file refuses empty responses).
         pairable = [[s if rows[g * k + j]["completion"].strip() else None for j, s in enumerate(group)]
                     for g, group in enumerate(groups)]
         pair_list, pstats = build_pairs(pairable, cfg.pairing)
+        if not self.ranks.is_main:
+            self.ranks.barrier()
+            return
         write_jsonl_atomic(rd / "samples.jsonl", [
             {"prompt": r["prompt"], "completion": r["completion"], "score": s, "prompt_index": r["prompt_index"],
              "sample_index": r["sample_index"], "round": round_no} for r, s in zip(rows, scores)])
@@ -227,32 +276,40 @@ class OnlineRun:
             "time/kl": time.perf_counter() - started - scored_seconds,  # the KL's log-probs, pairing, writing
         }
         _write_json(rd / "sample_stats.json", stats)
+        self.ranks.barrier()
 
     def train_stage(self, round_no: int, rd: Path, policy_path: str) -> None:
         cfg = self.cfg
         started = time.perf_counter()
         stats = json.loads((rd / "sample_stats.json").read_text())
-        self._policy = None  # training loads its own copy
+        self.release_policy()  # training loads its own copy
         result: dict[str, Any] = {"trained": False, "steps": 0, "policy": policy_path}
         if stats["pairs"]:
             train_dir = rd / "train"
             resume = train_dir.is_dir() and latest_checkpoint(train_dir) is not None
             # A round's training killed before its first checkpoint starts over (deterministic: same result).
             restart = train_dir.is_dir() and any(train_dir.iterdir()) and not resume
+            # With use_peft every round trains the base model's adapter, continuing the one the
+            # previous round saved; the merged model is written once, for the final policy.
+            adapter = policy_path if cfg.use_peft and is_adapter_dir(policy_path) else None
             round_cfg = dataclasses.replace(
-                cfg, **PAIR_COLUMNS, model_name_or_path=policy_path, dataset=str(rd / "pairs.jsonl"),
-                dataset_format="explicit", dataset_split="train", output_dir=str(train_dir),
-                ref_model_name_or_path=self.reference_for(policy_path), tokenizer_name_or_path=None,
-                resume_from_checkpoint="latest" if resume else None, overwrite_output_dir=restart)
-            print(f"prefopt online: round {round_no}: training on {stats['pairs']} pairs "
-                  f"(reference: {round_cfg.ref_model_name_or_path or 'the policy at the start of the round'})",
-                  file=sys.stderr)
-            final = train(round_cfg)
+                cfg, **PAIR_COLUMNS, model_name_or_path=cfg.model_name_or_path if cfg.use_peft else policy_path,
+                dataset=str(rd / "pairs.jsonl"), dataset_format="explicit", dataset_split="train",
+                output_dir=str(train_dir), ref_model_name_or_path=self.reference_for(policy_path),
+                tokenizer_name_or_path=None, resume_from_checkpoint="latest" if resume else None,
+                overwrite_output_dir=restart, merge_adapter_on_save=False)
+            per_round = cfg.reference_update == "per_round"
+            reference = round_cfg.ref_model_name_or_path or (
+                "the policy at the start of the round" if per_round else "the base model (adapter off)")
+            self.say(f"round {round_no}: training on {stats['pairs']} pairs (reference: {reference})")
+            final = train(round_cfg, adapter=adapter, adapter_reference=per_round)
             rows = read_metrics(train_dir / "metrics.jsonl")
             result = {"trained": True, "steps": max((r.get("step", 0) for r in rows), default=0),
                       "policy": str(train_dir), "final_metrics": final}
         result["time/train"] = time.perf_counter() - started
-        _write_json(rd / "train_result.json", result)
+        if self.ranks.is_main:
+            _write_json(rd / "train_result.json", result)
+        self.ranks.barrier()
 
     # --- the run
     def run(self, run_dir: RunDirectory) -> list[dict[str, Any]]:
@@ -262,27 +319,33 @@ class OnlineRun:
         for round_no in range(1, total + 1):
             final = round_no == total
             rd = self.out / "rounds" / str(round_no)
-            rd.mkdir(parents=True, exist_ok=True)
+            if self.ranks.is_main:
+                rd.mkdir(parents=True, exist_ok=True)
             what = "final policy" if final else f"round {round_no}/{cfg.rounds}"
+            # Every stage ends with a barrier: each process sees the same files here.
             if not (rd / "generations.jsonl").is_file():
-                print(f"prefopt online: {what}: sampling", file=sys.stderr, flush=True)
+                self.say(f"{what}: sampling")
                 self.sample_stage(round_no, rd, policy_path)
             if not (rd / "sample_stats.json").is_file():
-                print(f"prefopt online: {what}: scoring", file=sys.stderr, flush=True)
+                self.say(f"{what}: scoring")
                 self.score_stage(round_no, rd, policy_path, final=final)
             stats = json.loads((rd / "sample_stats.json").read_text())
-            print(f"prefopt online: {what}: reward {stats['samples/reward_mean']:.4f} "
-                  f"(std {stats['samples/reward_std']:.4f}), KL {stats['samples/kl']:.4f}, "
-                  f"ties {stats['samples/tie_fraction']:.3f}, {stats['pairs']} pairs", file=sys.stderr)
+            self.say(f"{what}: reward {stats['samples/reward_mean']:.4f} "
+                     f"(std {stats['samples/reward_std']:.4f}), KL {stats['samples/kl']:.4f}, "
+                     f"ties {stats['samples/tie_fraction']:.3f}, {stats['pairs']} pairs")
             if final:
                 break
             if not (rd / "train_result.json").is_file():
                 self.train_stage(round_no, rd, policy_path)
-            run_dir.commit()  # a trained round exists: an earlier run moved aside is no longer needed
             policy_path = json.loads((rd / "train_result.json").read_text())["policy"]
-            self.write_metrics()
-        rows = self.write_metrics()
-        self.save_final(policy_path, run_dir)
+            if self.ranks.is_main:
+                run_dir.commit()  # a trained round exists: an earlier run moved aside is no longer needed
+                self.write_metrics()
+        rows = self.write_metrics() if self.ranks.is_main else []
+        self.release_policy()
+        if self.ranks.is_main:
+            self.save_final(policy_path, run_dir)
+        self.ranks.barrier()
         return rows
 
     def write_metrics(self) -> list[dict[str, Any]]:
@@ -317,42 +380,78 @@ class OnlineRun:
     def save_final(self, policy_path: str, run_dir: RunDirectory) -> None:
         """The final policy into output_dir, loadable with ``from_pretrained(output_dir)``: written
         into a staging folder, then each file renamed into place (never half a model at the top)."""
-        model = self.load_policy(policy_path)
         staging = self.out / FINAL_STAGING
         if staging.exists():
             shutil.rmtree(staging)
-        model.save_pretrained(staging)
+        if self.cfg.use_peft:
+            self._save_adapter(policy_path, staging)
+        else:
+            self.load_policy(policy_path).save_pretrained(staging)
+            self.release_policy()
         self.tokenizer.save_pretrained(staging)
         run_dir.install_model(staging)
         print(f"prefopt online: final policy saved to {self.out}", file=sys.stderr)
 
 
+    def _save_adapter(self, policy_path: str, staging: Path) -> None:
+        """What ``prefopt train`` with use_peft writes: the adapter (the last trained round's), and
+        with merge_adapter_on_save the merged model in ``merged/``."""
+        cfg = self.cfg
+        if is_adapter_dir(policy_path):
+            staging.mkdir(parents=True)
+            for name in ("adapter_config.json", "adapter_model.safetensors"):
+                shutil.copy2(Path(policy_path) / name, staging / name)
+        else:  # no round had a pair to train on: the new adapter, which leaves the base unchanged
+            torch.manual_seed(cfg.seed)
+            add_lora(load_causal_lm(cfg.model_name_or_path), cfg).save_pretrained(staging)
+        if cfg.merge_adapter_on_save:
+            merge_adapter(cfg.model_name_or_path, staging, staging / "merged", dtype=load_dtype(cfg))
+            self.tokenizer.save_pretrained(staging / "merged")
+
+
 def run_online(cfg: TrainConfig, *, progress: bool = True) -> list[dict[str, Any]]:
-    """``prefopt online``: every round, then the final policy's samples; returns the metrics rows."""
+    """``prefopt online``: every round, then the final policy's samples; returns the metrics rows
+    (on the main process; the others return an empty list)."""
     cfg.validate_online()
-    if cfg.use_peft:
-        raise ConfigError("use_peft is not supported by prefopt online yet: each round trains the full policy")
+    if cfg.load_in_4bit:
+        raise ConfigError("load_in_4bit is not supported by prefopt online yet (sampling merges the adapter into "
+                          "a full-precision copy of the base); use use_peft without it")
     check_model_paths(cfg)
+    ranks = Ranks()
     out, resuming, overwrite = _plan_output_dir(cfg)
-    run = OnlineRun(cfg, progress=progress)  # reads the prompts, the tokenizer and the scorer: errors before writing
-    if resuming:
-        warn_config_changes(cfg, out / "config.yaml")
-        print(f"prefopt online: resuming the run in {out}", file=sys.stderr)
-    out.mkdir(parents=True, exist_ok=True)
-    lock = RunLock(out).acquire()
-    run_dir = RunDirectory(out)
+    # reads the prompts, the tokenizer and the scorer: errors before writing
+    run = OnlineRun(cfg, ranks=ranks, progress=progress)
+    ranks.barrier()  # every process has checked output_dir before the main process writes into it
+
+    def start() -> tuple[RunLock, RunDirectory]:
+        if resuming:
+            warn_config_changes(cfg, out / "config.yaml")
+            print(f"prefopt online: resuming the run in {out}", file=sys.stderr)
+        out.mkdir(parents=True, exist_ok=True)
+        lock = RunLock(out).acquire()
+        try:
+            run_dir = RunDirectory(out)
+            run_dir.begin(overwrite=overwrite, resume=resuming)
+            run_dir.wrote(*ONLINE_NAMES)
+            save_config(cfg, out / "config.yaml")
+        except BaseException:
+            lock.release()
+            raise
+        return lock, run_dir
+
+    lock, run_dir = ranks.on_main(start) or (None, None)
     try:
-        run_dir.begin(overwrite=overwrite, resume=resuming)
-        run_dir.wrote(*ONLINE_NAMES)
-        save_config(cfg, out / "config.yaml")
         rows = run.run(run_dir)
-        _plot(rows, out)
-        run_dir.commit()
+        if ranks.is_main:
+            _plot(rows, out)
+            run_dir.commit()
     except BaseException:
-        run_dir.abort()
+        if run_dir is not None:
+            run_dir.abort()
         raise
     finally:
-        lock.release()
+        if lock is not None:
+            lock.release()
     return rows
 
 
