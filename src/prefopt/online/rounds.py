@@ -51,6 +51,7 @@ from prefopt.evaluation.generation import sample_seeded
 from prefopt.evaluation.policy import Sample, encode_prompts, kl_estimates, read_prompts, sample_logps
 from prefopt.evaluation.scorers import load_scorer
 from prefopt.io import write_jsonl_atomic, write_text_atomic
+from prefopt.memory import return_freed_memory
 from prefopt.modeling.load import load_causal_lm, load_tokenizer
 from prefopt.modeling.peft import add_lora, is_adapter_dir, merge_adapter, merged_copy
 from prefopt.online.pairing import build_pairs
@@ -417,6 +418,11 @@ def run_online(cfg: TrainConfig, *, progress: bool = True) -> list[dict[str, Any
         raise ConfigError("load_in_4bit is not supported by prefopt online yet (sampling merges the adapter into "
                           "a full-precision copy of the base); use use_peft without it")
     check_model_paths(cfg)
+    if cfg.return_freed_memory:
+        # From the start, not from the first round's training on: the sampling and KL passes free
+        # whole models, and glibc would otherwise keep serving later tensors from a heap that
+        # never shrinks (memory.py).
+        return_freed_memory()
     ranks = Ranks()
     out, resuming, overwrite = _plan_output_dir(cfg)
     # reads the prompts, the tokenizer and the scorer: errors before writing
