@@ -321,7 +321,8 @@ class TrainConfig:
     )
     reference_update: str = opt(
         "fixed", "Online: fixed = the initial policy (or ref_model_name_or_path) is the reference in every "
-        "round; per_round = the policy at the start of each round (iterative DPO).",
+        "round; per_round = the policy at the start of each round (iterative DPO). With use_peft neither "
+        "copies the model (the adapter off, or a frozen copy of the starting adapter).",
         choices=("fixed", "per_round"), group="online",
     )
     # --- verified results: what a resumed run checks besides the checkpoint's checksums ---
@@ -342,7 +343,10 @@ class TrainConfig:
     gradient_checkpointing: bool = opt(False, "Recompute activations in backward to save memory.", group="scale")
     torch_compile: bool = opt(False, "Compile the policy with torch.compile (inductor) via Accelerate.", group="scale")
     use_peft: bool = opt(False, "Train a LoRA adapter; the reference is the base model with it switched off.",
-                         group="scale", commands=(TRAIN,))
+                         group="scale", commands=(TRAIN,),
+                         help_for={"online": "Train a LoRA adapter, continued from round to round; the fixed reference is "
+                                   "the base with it switched off, per_round a frozen copy of the round's starting "
+                                   "adapter."})
     lora_r: int = opt(16, "LoRA rank.", group="scale", commands=(TRAIN,))
     lora_alpha: int = opt(32, "LoRA scaling alpha (the update is scaled by alpha / r).", group="scale", commands=(TRAIN,))
     lora_dropout: float = opt(0.0, "Dropout on the LoRA branch.", group="scale", commands=(TRAIN,))
