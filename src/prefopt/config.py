@@ -22,6 +22,7 @@ from typing import Any
 import yaml
 
 from prefopt.errors import ConfigError
+from prefopt.io import simulate_full_disk, write_text_atomic
 from prefopt.losses.combine import LossOptions
 from prefopt.trl_compat import SAME_NAMED, TRL_KEYS, Refused, resolve_lr_floor, trl_hint
 
@@ -718,7 +719,10 @@ def build_config(cls, yaml_path: str | Path | None = None, overrides: dict[str, 
 
 
 def save_config(config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False), encoding="utf-8")
+    """Atomic: a full disk while a resumed run rewrites it leaves the earlier file whole."""
+    text = yaml.safe_dump(dataclasses.asdict(config), sort_keys=False)
+    simulate_full_disk("config")
+    write_text_atomic(path, text)
 
 
 def command_fields(cls, command: str | None) -> dict[str, dataclasses.Field]:

@@ -11,7 +11,7 @@ from prefopt import __version__
 from prefopt.cli.args import config_command_args, config_from_args, reject_extra, train_args
 from prefopt.cli.reward import configure as configure_reward
 from prefopt.cli.reward import run as run_reward
-from prefopt.errors import PrefoptError, RunInterrupted
+from prefopt.errors import PrefoptError, RunInterrupted, SharedFailure
 
 # The commands import the library (torch models, transformers, accelerate) when they run, not at
 # the top, so that `prefopt --help` and argument errors answer at once.
@@ -255,6 +255,8 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("RANK", "0") == "0":  # every process stops; one says so
             print(f"prefopt: {e}", file=sys.stderr)
         return e.exit_code
+    except SharedFailure:  # another process of this run failed; its main process prints the line
+        return 2
     except PrefoptError as e:
         if args.debug:
             raise

@@ -8,16 +8,18 @@ mathematics, only where tensors live.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import sys
+from collections.abc import Iterator
 
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState, PartialState
 from accelerate.utils import DistributedType
 
-from prefopt.errors import ConfigError
+from prefopt.errors import ConfigError, PrefoptError, SharedFailure
 from prefopt.modeling.peft import quantization_config
 
 # What `accelerate launch --config_file X.yaml` puts in the environment of every process.
@@ -232,3 +234,50 @@ def _deepspeed_frozen(model: torch.nn.Module, accelerator) -> torch.nn.Module:
     engine, *_ = deepspeed.initialize(model=model, config=config)
     engine.eval()
     return engine
+
+
+# ------------------------------------------------------------------------------------------ failing together
+def _describe(error: BaseException, rank: int) -> str:
+    if isinstance(error, PrefoptError):
+        return str(error)
+    text = str(error).strip().splitlines()
+    return f"process {rank} failed: {type(error).__name__}" + (f": {text[0]}" if text else "")
+
+
+def settle(accelerator, error: Exception | None) -> None:
+    """Every process learns whether any of them failed, and then all raise: the main process its own
+    error (or the first other process's, as a ``PrefoptError``), the others ``SharedFailure``, which
+    the CLI does not print. So one line is printed, every process exits with the same status, and
+    none is left waiting in a collective for a process that has gone. One flag all-reduce when all
+    went well; the messages are gathered only after a failure."""
+    if accelerator is None or accelerator.num_processes == 1:
+        if error is not None:
+            raise error
+        return
+    import torch.distributed as dist
+
+    flag = torch.tensor([0.0 if error is None else 1.0], device=accelerator.device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    if not flag.item():
+        return
+    messages: list = [None] * accelerator.num_processes
+    dist.all_gather_object(messages, None if error is None else _describe(error, accelerator.process_index))
+    first = next(m for m in messages if m is not None)
+    if not accelerator.is_main_process:
+        raise SharedFailure(first) from error
+    if error is not None:
+        raise error
+    raise PrefoptError(first)
+
+
+@contextlib.contextmanager
+def together(accelerator) -> Iterator[None]:
+    """Run a block that may fail on some processes only (a write on the main process, a file lock,
+    a check of the file system) and settle the outcome on all of them (``settle``). The block must
+    contain no collective of its own."""
+    error = None
+    try:
+        yield
+    except Exception as e:  # noqa: BLE001 - every failure is settled, and re-raised on this process
+        error = e
+    settle(accelerator, error)

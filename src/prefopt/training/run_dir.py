@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 from prefopt.errors import ConfigError
-from prefopt.io import write_text_atomic
+from prefopt.io import simulate_full_disk, write_text_atomic
 from prefopt.training.run_lock import LOCK_FILE
 
 RECORD_FILE = ".prefopt-run.json"
@@ -139,6 +139,7 @@ class RunRecord:
                               "output_dir") from None
 
     def write(self) -> None:
+        simulate_full_disk("record", len(self.entries))
         write_text_atomic(self.out / RECORD_FILE, json.dumps(
             {"prefopt_run": 1, "entries": sorted(self.entries), "aside": self.aside}, indent=1) + "\n")
 
