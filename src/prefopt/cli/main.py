@@ -255,13 +255,16 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("RANK", "0") == "0":  # every process stops; one says so
             print(f"prefopt: {e}", file=sys.stderr)
         return e.exit_code
-    except SharedFailure:  # another process of this run failed; its main process prints the line
-        return 2
     except PrefoptError as e:
-        if args.debug:
+        if args.debug and not isinstance(e, SharedFailure):
             raise
-        for line in str(e).splitlines() or [""]:  # several problems: one line each
-            print(f"prefopt: error: {line}", file=sys.stderr)
+        if not isinstance(e, SharedFailure):  # SharedFailure: another process failed; the main one says so
+            for line in str(e).splitlines() or [""]:  # several problems: one line each
+                print(f"prefopt: error: {line}", file=sys.stderr)
+        if getattr(e, "settled", False):  # several processes failed together: they exit together
+            from prefopt.training.distributed import exit_together
+
+            exit_together(e, 2)
         return 2
     except KeyboardInterrupt:
         print("prefopt: interrupted", file=sys.stderr)

@@ -264,10 +264,39 @@ def settle(accelerator, error: Exception | None) -> None:
     dist.all_gather_object(messages, None if error is None else _describe(error, accelerator.process_index))
     first = next(m for m in messages if m is not None)
     if not accelerator.is_main_process:
-        raise SharedFailure(first) from error
-    if error is not None:
-        raise error
-    raise PrefoptError(first)
+        raised = SharedFailure(first)
+    else:
+        raised = error if error is not None else PrefoptError(first)
+    raised.settled = True  # every process raises now: exit_together may wait for all of them
+    raise raised from (error if raised is not error else None)
+
+
+def exit_together(error: BaseException, code: int) -> None:
+    """After a failure ``settle`` shared among several processes, once this process has said what it
+    has to say: wait (a minute at most) until every process is here, then all leave at once,
+    without interpreter teardown. A launcher (torchrun) ends the processes still running when the
+    first one exits, which would record SIGTERM for them instead of ``code``; leaving together (and
+    answering a SIGTERM now with ``code``) makes every process's status ``code``. Nothing to do
+    for a failure that was not settled."""
+    if not getattr(error, "settled", False):
+        return
+    import datetime
+    import signal
+
+    import torch.distributed as dist
+
+    signal.signal(signal.SIGTERM, lambda *_: os._exit(code))
+    try:
+        if dist.is_initialized():
+            if dist.get_backend() == "gloo":
+                dist.monitored_barrier(timeout=datetime.timedelta(seconds=60))
+            else:
+                dist.barrier()
+    except Exception:  # noqa: BLE001 - a process that is already gone: leave anyway
+        pass
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 @contextlib.contextmanager
