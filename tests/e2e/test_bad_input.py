@@ -208,6 +208,26 @@ def eval_output_dir_is_file(t, e):
     return argv
 
 
+def eval_earlier_results(t: Path) -> None:
+    """An earlier evaluation's files in the output directory, which a failed one must leave as they are."""
+    (t / "eval").mkdir()
+    (t / "eval" / "eval_llama.json").write_text('{"name": "llama", "reward": 0.25}\n')
+    (t / "eval" / "frontier.png").write_bytes(b"an earlier plot")
+
+
+def eval_disk_full_writing_the_second_result(t, e):
+    argv = eval_with("bad_input_scorers:fine", models=(str(e["llama"]),))(t, e)
+    eval_earlier_results(t)
+    return argv
+
+
+def eval_result_name_taken_by_a_directory(t, e):
+    argv = eval_with("bad_input_scorers:fine", models=(str(e["llama"]),))(t, e)
+    eval_earlier_results(t)
+    (t / "eval" / "eval_llama_.json").mkdir()  # the second policy's result name
+    return argv
+
+
 def resume(t, e, *extra, data=None):
     shutil.copytree(e["run"], t / "run")
     return ["train", "--model_name_or_path", str(e["llama"]), "--dataset", str(data or e["data"]),
@@ -305,6 +325,11 @@ CASES = [
     Case("eval_output_dir_is_a_file", eval_output_dir_is_file, ["--output_dir", "not a directory"]),
     Case("eval_second_model_missing", eval_with("bad_input_scorers:fine", models=("TMP/no_such_policy",)),
          ["model path not found", "no_such_policy"]),
+    Case("eval_disk_full_writing_the_second_result", eval_disk_full_writing_the_second_result,
+         ["disk full", "no space left on /", "the eval results", "no result was written"],
+         env={"PREFOPT_TEST_ENOSPC": "eval:2"}),
+    Case("eval_result_name_taken_by_a_directory", eval_result_name_taken_by_a_directory,
+         ["--output_dir", "eval_llama_.json", "is a directory"]),
     Case("resume_with_changed_data", resume_changed_data,
          ["training data", "differs", "checkpoint-4", "ignore_data_change"]),
     Case("resume_with_every_checkpoint_damaged", resume_all_checkpoints_damaged,
