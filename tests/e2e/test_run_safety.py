@@ -79,6 +79,12 @@ def _pair(sw, sl):
             "score_rejected": sl}
 
 
+# Seven nested levels of 9 aliases each: a few lines of YAML, millions of items once expanded.
+ALIAS_BOMB = ("beta: [&a [x, x, x, x, x, x, x, x, x], &b [*a, *a, *a, *a, *a, *a, *a, *a, *a], "
+              "&c [*b, *b, *b, *b, *b, *b, *b, *b, *b], &d [*c, *c, *c, *c, *c, *c, *c, *c, *c], "
+              "&e [*d, *d, *d, *d, *d, *d, *d, *d, *d], &f [*e, *e, *e, *e, *e, *e, *e, *e, *e], "
+              "[*f, *f, *f, *f, *f, *f, *f, *f, *f]]\n")
+
 # (id, extra arguments from the context (replacing --output_dir / --dataset where given), needles of the one line)
 CASES = [
     # --- every setting checked before the earlier run is touched (all with --overwrite_output_dir)
@@ -131,6 +137,14 @@ CASES = [
      ["vocab.json", "not written by a prefopt run"]),
     ("tensorboard_symlink", lambda c: ["--output_dir", c.tmp / "linked"], ["tensorboard is a symbolic link"]),
     ("record_naming_a_path_outside", lambda c: ["--output_dir", c.tmp / "forged"], ["unreadable run record", "'../model'"]),
+    ("lock_file_is_a_symlink", lambda c: ["--output_dir", c.tmp / "locklink"],
+     [".prefopt.lock is a symbolic link", "outside"]),
+    ("run_record_is_a_symlink", lambda c: ["--output_dir", c.tmp / "recordlink"],
+     [".prefopt-run.json is a symbolic link", "outside"]),
+    ("run_name_is_a_path", lambda c: ["--run_name", "../../escaped"], ["run_name", "'../../escaped'", "plain name"]),
+    ("logging_dir_inside_the_model", lambda c: ["--logging_dir", c.model / "tb"],
+     ["logging_dir", "lies inside model_name_or_path"]),
+    ("yaml_alias_bomb", lambda c: ["--config", c.yaml(ALIAS_BOMB)], ["'beta'", "expects float", "[[...], [...], [...], [...], ...], ...]"]),
     ("read_only_output_dir", lambda c: ["READONLY"], ["output_dir", "not writable"]),
     ("output_dir_in_use", lambda c: ["LOCKED"], ["in use by another prefopt run", "pid 4242", "prefopt train --other"]),
 ]
@@ -154,6 +168,10 @@ def _prepare(ctx: Ctx) -> None:
     (ctx.tmp / "outside").mkdir()
     (ctx.tmp / "outside" / "events").write_text("keep me")
     os.symlink(ctx.tmp / "outside", ctx.tmp / "linked" / "tensorboard")
+    for name, link in (("locklink", LOCK_FILE), ("recordlink", RECORD_FILE)):  # bookkeeping files as links
+        shutil.copytree(ctx.out, ctx.tmp / name, symlinks=True)
+        (ctx.tmp / name / link).unlink(missing_ok=True)
+        os.symlink(ctx.tmp / "outside" / "events", ctx.tmp / name / link)
     (ctx.tmp / "forged").mkdir()  # a record that would send an overwrite outside the directory
     (ctx.tmp / "forged" / RECORD_FILE).write_text(json.dumps({"entries": ["config.yaml", "../model"]}))
     (ctx.tmp / "forged" / "config.yaml").write_text("seed: 1\n")
