@@ -332,7 +332,7 @@ def test_hook(point: str, step: int) -> None:
     """Crash tests only: ``PREFOPT_TEST_KILL=step:K`` kills this process with SIGKILL after step K,
     ``save:K`` in the middle of writing checkpoint K, ``online-sample:N`` / ``online-score:N`` in
     round N of ``prefopt online`` before that stage's files are written; ``PREFOPT_TEST_ENOSPC=save:K``
-    makes that write fail as on a full disk; ``term:K`` (``int:K``) sends SIGTERM (SIGINT) after step K
+    makes that write fail as on a full disk (``io.simulate_full_disk`` lists the other writes); ``term:K`` (``int:K``) sends SIGTERM (SIGINT) after step K
     (``term:K@R``: only the process of rank R); ``pause:K`` waits after step K until a signal
     arrives. Never set in normal use."""
     value = os.environ.get(KILL_ENV)
