@@ -1,6 +1,7 @@
 """Scale-out plumbing around Accelerate: the Accelerator a config asks for, a check that the engine
 the launcher requested (DDP, FSDP2, DeepSpeed) is the one actually running, and placing the frozen
-reference model correctly for each engine.
+reference model correctly for each engine, and failing together: a failure on one process is settled
+on all of them (``together``), so none waits forever for a process that has gone.
 
 The training loop itself (trainer.py) shards the data and scales the loss; nothing here changes the
 mathematics, only where tensors live.

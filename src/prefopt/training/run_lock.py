@@ -4,7 +4,7 @@ The kernel drops a ``flock`` when its process ends in any way (SIGKILL and power
 process included), so a lock can never outlive its run; a lock *file* left by a dead run is stale by
 construction and is taken over (with a note naming the dead process). The file holds the holder's
 pid, host and command, which is what a refused second run names. Only the main process of a
-multi-process run takes it (``run_dir.open_run_directory`` tells the other processes the outcome).
+multi-process run takes it (``recipes.start_output_dir`` settles the outcome on every process).
 """
 
 from __future__ import annotations
