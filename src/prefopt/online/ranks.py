@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from prefopt.errors import PrefoptError
+from prefopt.training.distributed import together
 
 T = TypeVar("T")
 
@@ -32,8 +32,10 @@ class Ranks:
 
             # The process group that the rounds' trainings (Accelerate) then reuse: gloo on CPU.
             state = PartialState(cpu=not torch.cuda.is_available())
+            self.state = state
             self.rank, self.size, self.device = state.process_index, state.num_processes, state.device
         else:
+            self.state = None  # ``together`` with no state: one process, a failure is simply raised
             self.rank = 0
             self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -60,20 +62,11 @@ class Ranks:
             torch.distributed.barrier()
 
     def on_main(self, fn: Callable[[], T]) -> T | None:
-        """``fn()`` on the main process (``None`` elsewhere). A failure there is raised on every
-        process (the others get a ``PrefoptError`` with its message), so a refusal such as the
-        output directory's lock stops them all alike instead of leaving them waiting."""
-        result, failure = None, None
-        if self.is_main:
-            try:
+        """``fn()`` on the main process (``None`` elsewhere), its outcome settled across processes
+        (``training.distributed.together``): a refusal there (e.g. the output directory's lock) stops
+        every process with one line, and none is left waiting for the main one."""
+        result = None
+        with together(self.state):
+            if self.is_main:
                 result = fn()
-            except BaseException as e:  # re-raised below, after the others have been told
-                failure = e
-        if self.size > 1:
-            message = [str(failure) or type(failure).__name__ if failure is not None else None]
-            torch.distributed.broadcast_object_list(message, src=0)
-            if message[0] is not None and failure is None:
-                failure = PrefoptError(message[0])
-        if failure is not None:
-            raise failure
         return result

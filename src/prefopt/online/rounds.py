@@ -58,7 +58,7 @@ from prefopt.online.pairing import build_pairs
 from prefopt.online.ranks import Ranks
 from prefopt.recipes import train
 from prefopt.training.checkpoint import latest_checkpoint, test_hook
-from prefopt.training.distributed import load_dtype
+from prefopt.training.distributed import load_dtype, together
 from prefopt.training.metrics import read_metrics
 from prefopt.training.preflight import (
     check_fresh_start,
@@ -413,20 +413,22 @@ class OnlineRun:
 def run_online(cfg: TrainConfig, *, progress: bool = True) -> list[dict[str, Any]]:
     """``prefopt online``: every round, then the final policy's samples; returns the metrics rows
     (on the main process; the others return an empty list)."""
-    cfg.validate_online()
-    if cfg.load_in_4bit:
-        raise ConfigError("load_in_4bit is not supported by prefopt online yet (sampling merges the adapter into "
-                          "a full-precision copy of the base); use use_peft without it")
-    check_model_paths(cfg)
+    ranks = Ranks()
+    # Every check on every process, settled together: one line for a refusal, no process left waiting.
+    with together(ranks.state):
+        cfg.validate_online()
+        if cfg.load_in_4bit:
+            raise ConfigError("load_in_4bit is not supported by prefopt online yet (sampling merges the adapter "
+                              "into a full-precision copy of the base); use use_peft without it")
+        check_model_paths(cfg)
+        out, resuming, overwrite = _plan_output_dir(cfg)
+        # reads the prompts, the tokenizer and the scorer: errors before writing
+        run = OnlineRun(cfg, ranks=ranks, progress=progress)
     if cfg.return_freed_memory:
         # From the start, not from the first round's training on: the sampling and KL passes free
         # whole models, and glibc would otherwise keep serving later tensors from a heap that
         # never shrinks (memory.py).
         return_freed_memory()
-    ranks = Ranks()
-    out, resuming, overwrite = _plan_output_dir(cfg)
-    # reads the prompts, the tokenizer and the scorer: errors before writing
-    run = OnlineRun(cfg, ranks=ranks, progress=progress)
     ranks.barrier()  # every process has checked output_dir before the main process writes into it
 
     def start() -> tuple[RunLock, RunDirectory]:
