@@ -164,9 +164,10 @@ class PairStore(Sequence):
     counts as arrays without building a single pair."""
 
     def __init__(self, table: pa.Table, *, source: str, row_label: str = "row", fingerprint: str | None = None,
-                 path: Path | None = None, index_offset: int = 0):
+                 path: Path | None = None, index_offset: int = 0, content: str | None = None):
         self.table, self.source, self.row_label = table, source, row_label
         self.fingerprint, self.path, self.index_offset = fingerprint, path, index_offset
+        self._content = content
         self._chunks = []  # per record batch: ({column: (offsets, values)}, first pair)
         starts = [0]
         for batch in table.to_batches():
@@ -185,10 +186,18 @@ class PairStore(Sequence):
         self._row = table.column("row").to_numpy() if table.num_rows else np.zeros(0, dtype=np.int64)
 
     @classmethod
-    def open(cls, path: Path, *, source: str, row_label: str = "row", fingerprint: str | None = None) -> PairStore:
+    def open(cls, path: Path, *, source: str, row_label: str = "row", fingerprint: str | None = None,
+             content: str | None = None) -> PairStore:
         # Zero-copy: the table's buffers point into the map, which stays open as long as they live.
         table = pa.ipc.open_stream(pa.memory_map(str(path / PAIRS_FILE), "r")).read_all()
-        return cls(table, source=source, row_label=row_label, fingerprint=fingerprint, path=path)
+        return cls(table, source=source, row_label=row_label, fingerprint=fingerprint, path=path, content=content)
+
+    @property
+    def content_fingerprint(self) -> str | None:
+        """The pairs' ``ColumnsFingerprint`` (``data.fingerprint``), computed when the store was
+        built and kept in its manifest; ``None`` when unknown (a store built before it was
+        recorded) or when the indices are shifted (``with_index_offset``): then it is computed."""
+        return self._content if self.index_offset == 0 else None
 
     def with_index_offset(self, offset: int) -> PairStore:
         """The same pairs, their ``index`` shifted by ``offset`` (eval pairs next to training
