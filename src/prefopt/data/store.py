@@ -170,20 +170,22 @@ class PairStore(Sequence):
         self._content = content
         self._chunks = []  # per record batch: ({column: (offsets, values)}, first pair)
         starts = [0]
-        for batch in table.to_batches():
+        batches = table.to_batches()
+        for batch in batches:
             cols = {}
             for name in ID_COLUMNS:
                 arr = batch.column(name)
-                cols[name] = (arr.offsets.to_numpy(), arr.values.to_numpy())
+                cols[name] = (_numpy(arr.offsets), _numpy(arr.values))
             self._chunks.append(cols)
             starts.append(starts[-1] + batch.num_rows)
         self._starts = np.asarray(starts, dtype=np.int64)
-        self._scores = tuple(
-            table.column(c).to_numpy().astype(np.float64) if table.num_rows else np.zeros(0)
-            for c in ("score_chosen", "score_rejected")
-        )
-        self._index = table.column("index").to_numpy() if table.num_rows else np.zeros(0, dtype=np.int64)
-        self._row = table.column("row").to_numpy() if table.num_rows else np.zeros(0, dtype=np.int64)
+
+        def column(name: str, dtype) -> np.ndarray:
+            parts = [_numpy(b.column(name)) for b in batches]
+            return np.concatenate(parts).astype(dtype, copy=False) if parts else np.zeros(0, dtype=dtype)
+
+        self._scores = (column("score_chosen", np.float64), column("score_rejected", np.float64))
+        self._index, self._row = column("index", np.int64), column("row", np.int64)
 
     @classmethod
     def open(cls, path: Path, *, source: str, row_label: str = "row", fingerprint: str | None = None,
@@ -253,6 +255,18 @@ class PairStore(Sequence):
 
 # ------------------------------------------------------------------------------------------------
 # Writing
+
+
+def _numpy(arr: pa.Array) -> np.ndarray:
+    """A primitive Arrow array as numpy over the same memory, nulls as NaN (float columns).
+    ``Array.to_numpy`` would import pandas: over a second on every cache hit."""
+    dtype = np.dtype(arr.type.to_pandas_dtype())
+    validity, data = arr.buffers()[:2]
+    out = np.frombuffer(data, dtype=dtype, count=len(arr) + arr.offset)[arr.offset:] if len(arr) else np.zeros(0, dtype)
+    if arr.null_count:
+        bits = np.unpackbits(np.frombuffer(validity, dtype=np.uint8), bitorder="little")
+        out = np.where(bits[arr.offset:arr.offset + len(arr)].astype(bool), out, np.nan)
+    return out
 
 
 def _arrow(values: np.ndarray, type_: pa.DataType, valid: np.ndarray | None = None) -> pa.Array:
