@@ -98,31 +98,51 @@ def _backend_encoder(tokenizer):
     return getattr(backend, "encode_batch_fast", backend.encode_batch)  # _fast (no offsets): tokenizers >= 0.21
 
 
-_DIRECT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> direct encoder or None
+_CHECKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> direct path agreed on real text
 
 
 def encode_texts(tokenizer, texts: list[str]) -> list[list[int]]:
     """Token ids of each text, no special tokens added: ``tokenizer(texts,
     add_special_tokens=False)["input_ids"]``, through the Rust tokenizer directly where that is the
-    same (``_backend_encoder``). The first call per tokenizer also checks it on its texts."""
+    same (``_backend_encoder``, asked on every call: the tokenizer's settings may change). The
+    first direct call per tokenizer also compares the two on its texts."""
     if not texts:
         return []
-    try:
-        direct = _DIRECT[tokenizer]
-    except (KeyError, TypeError):
-        direct = _backend_encoder(tokenizer)
-        if direct is not None:  # belt and braces: the two must agree on real text before we rely on it
-            sample = texts[:16]
-            if [e.ids for e in direct(sample, add_special_tokens=False)] != \
-                    tokenizer(sample, add_special_tokens=False)["input_ids"]:
-                direct = None
+    direct = _backend_encoder(tokenizer)
+    if direct is not None:
         try:
-            _DIRECT[tokenizer] = direct
-        except TypeError:
-            pass
-    if direct is None:
-        return tokenizer(texts, add_special_tokens=False)["input_ids"]
-    return [e.ids for e in direct(texts, add_special_tokens=False)]
+            agreed = _CHECKED[tokenizer]
+        except (KeyError, TypeError):
+            sample = texts[:16]
+            agreed = ([e.ids for e in direct(sample, add_special_tokens=False)]
+                      == tokenizer(sample, add_special_tokens=False)["input_ids"])
+            try:
+                _CHECKED[tokenizer] = agreed
+            except TypeError:
+                pass
+        if agreed:
+            return [e.ids for e in direct(texts, add_special_tokens=False)]
+    return tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+
+def encode_unique(tokenizer, texts: list[str]) -> list[list[int]]:
+    """``encode_texts`` of each text, each distinct text tokenized once: preference sets often
+    repeat a prompt over several pairs (several responses per prompt, binarized ratings), and
+    tokenizing is most of what preparation costs. One call for all: the tokenizer's threads share
+    one queue. A repeated text gets its own copy of the ids (no list is shared between pairs)."""
+    first: dict[str, int] = {}
+    for text in texts:
+        first.setdefault(text, len(first))
+    if len(first) == len(texts):
+        return encode_texts(tokenizer, texts)
+    ids = encode_texts(tokenizer, list(first))
+    seen = [False] * len(ids)
+    out = []
+    for text in texts:
+        k = first[text]
+        out.append(list(ids[k]) if seen[k] else ids[k])
+        seen[k] = True
+    return out
 
 
 def tokenize_pairs(
@@ -138,9 +158,8 @@ def tokenize_pairs(
     if not pairs:
         return [], stats
     n = len(pairs)
-    # One call for all three: the tokenizer's threads share one queue (balanced across long and short texts).
-    ids = encode_texts(tokenizer, [p.prompt for p in pairs] + [p.chosen for p in pairs] + [p.rejected for p in pairs])
-    prompts, chosens, rejecteds = ids[:n], ids[n:2 * n], ids[2 * n:]
+    prompts, chosens, rejecteds = (lambda ids: (ids[:n], ids[n:2 * n], ids[2 * n:]))(encode_unique(
+        tokenizer, [p.prompt for p in pairs] + [p.chosen for p in pairs] + [p.rejected for p in pairs]))
     special = SpecialTokens(tokenizer)
     out = []
     for i, (pair, prompt, chosen, rejected) in enumerate(zip(pairs, prompts, chosens, rejecteds)):
