@@ -10,7 +10,8 @@ responses two different human summaries of it, so pairs are TL;DR-shaped (long p
 responses; ~600 GPT-2 tokens) and no two are the same text. Tokenizer: GPT-2's (/work/shared/data/gpt2-tokenizer);
 ``max_length`` 1024, ``max_prompt_length`` 512 on both sides, ``dataset_num_proc`` the same on both.
 
-Every measurement runs in a fresh process; its peak RSS is that process's own (``wait4``):
+Every measurement runs in a fresh process; its peak RSS is that process's own (``wait4``), and its
+CPU seconds those of the process and its worker processes during the timed call:
 
 - prefopt, first preparation: ``prepare_dataset`` into an empty cache directory (read, convert,
   tokenize, write the store), wall time of that call;
@@ -364,10 +365,16 @@ def render(rows, args, started, load_before, load_after) -> str:
 
 NOTES = """Notes:
 
-- Absolute times depend on the machine's load (the load averages above); the ratio to TRL comes
-  from runs in the same session under the same load.
-  Preparation is bound by the fast tokenizer's `encode_batch` (over 80% of the time in a profile);
-  TRL tokenizes every prompt three times (alone and with each response), prefopt once.
+- Absolute times depend on the machine's load (the load averages above: the machine is shared, and
+  a load above 2 means the two cores were oversubscribed). CPU seconds (user + system of the
+  process and of the worker processes it reaped) measure the work done whatever else ran, so the
+  per-CPU-second ratio to TRL is the one to compare across runs; the wall-time ratio holds for runs
+  made under the same load.
+- Preparation is bound by the fast tokenizer: the Rust `encode_batch` is ~90% of prefopt's CPU time
+  in a profile, at roughly 250-300k GPT-2 tokens per CPU second on this machine's cores for
+  TL;DR text. prefopt tokenizes each distinct text of a chunk once, straight through the Rust
+  tokenizer; TRL tokenizes every prompt three times (alone and with each response), one example at
+  a time through `transformers`.
 - Peak RSS is the main process's. With `dataset_num_proc` 2 both systems tokenize in worker
   processes whose memory is not in that figure; prefopt's workers hold one chunk of 1,000 rows each.
 - "2 procs": two processes start preparing the same file on an empty cache at the same instant (what
@@ -375,7 +382,10 @@ NOTES = """Notes:
   finished store; "waiter adds" is its peak over the baseline process.
 - A cache hit above 64 MiB reads neither the data file (its digest is remembered by path, size, mtime
   and inode) nor the store (its checksum is skipped while its mtime is the one recorded at the build);
-  below that both are hashed, which is what the 10k hit time includes."""
+  below that both are hashed, which is what the 10k hit time includes.
+- TRL's children write their output to a file: an earlier version of this script read their stderr
+  through a pipe only after they exited, and TRL's progress bars filled the pipe at 10k pairs, so
+  the child blocked for good (what was reported as TRL hanging at 10k, with and without workers)."""
 
 
 def write_section(path: Path, report: str) -> None:
