@@ -181,6 +181,21 @@ def run_children(specs: list[dict], env: dict | None = None, timeout: float | No
     return results
 
 
+def pairs_in_stream(path: Path) -> int:
+    """Pairs in the complete record batches of a (possibly half-written) Arrow stream."""
+    import pyarrow as pa
+
+    n = 0
+    with pa.memory_map(str(path), "r") as fh:
+        try:
+            reader = pa.ipc.open_stream(fh)
+            while True:
+                n += reader.read_next_batch().num_rows
+        except (StopIteration, pa.ArrowInvalid, OSError):
+            pass
+    return n
+
+
 def last_progress(log: str) -> tuple[int, int] | None:
     """(examples done, total) of the last progress line of TRL's tokenizing pass, if any."""
     import re
@@ -201,6 +216,9 @@ def main() -> None:
     ap.add_argument("--num_proc", type=int, default=2, help="dataset_num_proc for both systems.")
     ap.add_argument("--only", choices=("prefopt", "trl"), default=None,
                     help="Measure one side only (two runs side by side; --rows merges their rows by size).")
+    ap.add_argument("--prefopt_timeout", type=float, default=None,
+                    help="Stop prefopt's first preparation after this many seconds and record how many pairs it "
+                    "had written and its peak RSS so far (a partial row; no cache hit is then measured).")
     ap.add_argument("--trl_timeout", type=float, default=None,
                     help="Stop TRL after this many seconds and record how far it got (a partial row).")
     ap.add_argument("--quick", action="store_true")
@@ -223,10 +241,11 @@ def main() -> None:
                 elif line.startswith("META "):
                     metas.append(json.loads(line[len("META "):]))
         meta = {"started": min((m["started"] for m in metas), default="?"),
+                "commands": list(dict.fromkeys(m["command"] for m in metas if "command" in m)),
                 "load_before": max((m["load_before"] for m in metas), default=(0, 0, 0)),
                 "load_after": max((m["load_after"] for m in metas if "load_after" in m), default=os.getloadavg())}
         report = render(sorted(rows.values(), key=lambda r: r["pairs_in"]), args, meta["started"],
-                        meta["load_before"], meta["load_after"])
+                        meta["load_before"], meta["load_after"], meta["commands"])
         write_section(Path(args.output), report)
         print(report)
         return
@@ -237,7 +256,8 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     started = time.strftime("%Y-%m-%d %H:%M", time.gmtime())
     load_before = os.getloadavg()
-    print("META " + json.dumps({"started": started, "load_before": load_before}), flush=True)
+    command = " ".join(sys.argv[1:])
+    print("META " + json.dumps({"started": started, "load_before": load_before, "command": command}), flush=True)
     rows = []
     for n in sizes:
         data = work / f"pairs-{n}.jsonl"
@@ -247,7 +267,15 @@ def main() -> None:
         row = {"pairs_in": n}
         if args.only != "trl":
             baseline = run_children([{**base, "system": "baseline"}])[0]
-            first = run_children([{**base, "system": "prefopt", "cache": str(work / f"cache-{n}")}])[0]
+            first = run_children([{**base, "system": "prefopt", "cache": str(work / f"cache-{n}")}],
+                                 timeout=args.prefopt_timeout)[0]
+            if first.get("timed_out"):  # how far the build got: the complete batches of its partial file
+                done = sum(pairs_in_stream(f) for f in (work / f"cache-{n}").glob(".tmp-*/pairs.arrow"))
+                row.update(first_stopped_s=first["wall_s"], first_done=done, first_rss=first["rss_mb"],
+                           baseline_rss=baseline["rss_mb"])
+                print(json.dumps(row), flush=True)
+                rows.append(row)
+                continue
             hit = run_children([{**base, "system": "prefopt", "cache": str(work / f"cache-{n}")}])[0]
             row.update(pairs=first["pairs"], tokens=first["tokens"], store_mb=first["store_mb"],
                        first_s=first["seconds"], first_cpu=first["cpu"], first_rss=first["rss_mb"],
@@ -271,8 +299,8 @@ def main() -> None:
                            trl_pairs=trl["pairs"], trl_cpu=trl["cpu"])
             print(json.dumps(row), flush=True)
         rows.append(row)
-        print("META " + json.dumps({"started": started, "load_before": load_before, "load_after": os.getloadavg()}),
-              flush=True)
+        print("META " + json.dumps({"started": started, "load_before": load_before, "load_after": os.getloadavg(),
+                                    "command": command}), flush=True)
         report = render(rows, args, started, load_before, os.getloadavg())
         if not args.quick and args.only is None:  # after every size: a long run that is stopped keeps its rows
             write_section(Path(args.output), report)
@@ -281,7 +309,7 @@ def main() -> None:
         print(f"wrote {args.output}")
 
 
-def render(rows, args, started, load_before, load_after) -> str:
+def render(rows, args, started, load_before, load_after, commands=None) -> str:
     import tokenizers
     import transformers
 
@@ -291,14 +319,15 @@ def render(rows, args, started, load_before, load_after) -> str:
         trl_version = trl.__version__
     except ImportError:
         trl_version = "not installed"
-    cmd = (f"python benchmarks/bench_data.py --sizes {args.sizes} --trl_sizes {args.trl_sizes} "
-           f"--two_proc_sizes {args.two_proc_sizes} --num_proc {args.num_proc}")
+    cmd = "`, `".join(f"python benchmarks/bench_data.py {c}" for c in commands) if commands else (
+        f"python benchmarks/bench_data.py --sizes {args.sizes} --trl_sizes {args.trl_sizes} "
+        f"--two_proc_sizes {args.two_proc_sizes} --num_proc {args.num_proc}")
     lines = [
         MARK,
         "",
         "## Data preparation: the tokenized-pair store vs TRL (`benchmarks/bench_data.py`)",
         "",
-        f"Command: `{cmd}`, run {started} UTC. Machine: {platform.machine()}, {os.cpu_count()} CPU cores, shared with "
+        f"Command{'s' if commands and len(commands) > 1 else ''}: `{cmd}`, run {started} UTC. Machine: {platform.machine()}, {os.cpu_count()} CPU cores, shared with "
         f"other jobs (load average {load_before[0]:.1f} before, {load_after[0]:.1f} after); transformers "
         f"{transformers.__version__}, tokenizers {tokenizers.__version__}, TRL {trl_version}. Synthetic TL;DR-shaped "
         f"explicit pairs (JSONL), GPT-2 tokenizer, max_length {MAX_LENGTH}, max_prompt_length {MAX_PROMPT_LENGTH}, "
@@ -310,6 +339,11 @@ def render(rows, args, started, load_before, load_after) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        if "first_stopped_s" in r:
+            lines.append(f"| {r['pairs_in']:,} | stopped after {r['first_stopped_s']:.0f} s: {r['first_done']:,} pairs "
+                         f"written ({r['first_done'] / r['pairs_in']:.0%}, {r['first_done'] / r['first_stopped_s']:,.0f}"
+                         f" pairs/s) | | | | | | {r['first_rss']:.0f} | {r['first_rss'] - r['baseline_rss']:.0f} | - | - "
+                         "| - | - |")
         if "first_s" not in r:
             continue
         lines.append(
@@ -357,6 +391,13 @@ def render(rows, args, started, load_before, load_after) -> str:
         if "first_rss" in by.get(100000, {}):
             ratio = r["first_rss"] / by[100000]["first_rss"]
             lines.append(f"- peak RSS 1M / 100k: {ratio:.2f} (target <= 1.2): {'met' if ratio <= 1.2 else 'NOT met'}")
+    elif "first_stopped_s" in by.get(1000000, {}):
+        r = by[1000000]
+        lines.append(f"- 1M pairs: the first preparation was stopped after {r['first_stopped_s']:.0f} s with "
+                     f"{r['first_done']:,} pairs written, so no cache hit at 1M was measured; peak RSS until then "
+                     f"{r['first_rss']:.0f} MiB (target < 2048)"
+                     + (f", {r['first_rss'] / by[100000]['first_rss']:.2f}x the whole 100k build's (target <= 1.2)"
+                        if "first_rss" in by.get(100000, {}) else ""))
     else:
         lines.append("- 1M pairs: not measured in this run (see the notes)")
     lines += ["", NOTES]
