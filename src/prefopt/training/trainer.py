@@ -29,7 +29,7 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from prefopt.data.collate import to_device
-from prefopt.data.fingerprint import data_fingerprint
+from prefopt.data.fingerprint import data_fingerprint as fingerprint_of_pairs
 from prefopt.errors import PrefoptError, RunInterrupted
 from prefopt.io import simulate_full_disk
 from prefopt.memory import transient_heap
@@ -416,7 +416,7 @@ class Trainer:
         from its build, pairs in memory are hashed."""
         if not hasattr(self, "_data_fingerprint"):
             try:
-                self._data_fingerprint = data_fingerprint(self.train_data)
+                self._data_fingerprint = fingerprint_of_pairs(self.train_data)
             except (AttributeError, TypeError):  # rows that are not tokenized pairs: nothing to record
                 self._data_fingerprint = None
         return self._data_fingerprint
