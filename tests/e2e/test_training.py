@@ -26,9 +26,22 @@ def dpo_run(tmp_path_factory, tiny_llama, easy_data):
     config.write_text(yaml.safe_dump({"model_name_or_path": str(tiny_llama), "dataset": str(easy_data["train"]),
                                       "eval_dataset": str(easy_data["eval"]), "output_dir": str(out),
                                       "loss_type": "dpo"}))
-    res = run_cli("train", "--config", config, *COMMON)
+    # Progress on (stderr is a pipe here, as in a log): test_progress_in_a_log reads what it wrote.
+    res = run_cli("train", "--config", config, *COMMON, "--progress_bar", "true")
     assert res.returncode == 0, res.stderr
+    (out.parent / "dpo.stderr").write_text(res.stderr)
     return out
+
+
+def test_progress_in_a_log_is_lines_with_the_last_logged_loss(dpo_run):
+    err = (dpo_run.parent / "dpo.stderr").read_text()
+    assert "\r" not in err  # no bar redraws
+    lines = [line for line in err.splitlines() if line.startswith("train: ")]
+    last = [r for r in read_metrics(dpo_run / "metrics.jsonl") if "loss" in r][-1]
+    # 20 quick steps: no 10 % line (less than LINE_MIN_SECONDS apart), the closing one with the last loss
+    assert lines[-1].startswith("train: 20/20 step (100%) [")
+    assert lines[-1].endswith(f"loss={last['loss']:.4f}, acc={last['rewards/accuracies']:.2f}")
+    assert not any(line.startswith(("eval ", "tokenizing")) for line in err.splitlines())  # quick, transient
 
 
 def test_first_logged_dpo_loss_is_log2(dpo_run):
