@@ -26,7 +26,6 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from tqdm.auto import tqdm
 
 from prefopt.data.collate import to_device
 from prefopt.data.fingerprint import data_fingerprint as fingerprint_of_pairs
@@ -34,6 +33,7 @@ from prefopt.errors import PrefoptError, RunInterrupted
 from prefopt.io import simulate_full_disk
 from prefopt.memory import transient_heap
 from prefopt.modeling.lm_head import accumulate_tied_grad_in_place
+from prefopt.progress import progress_bar
 from prefopt.training.checkpoint import TMP_PREFIX, fsync_tree, test_hook, write_errors
 from prefopt.training.checkpoint import save as save_checkpoint
 from prefopt.training.data_order import Schedule
@@ -200,7 +200,7 @@ class Trainer:
         pairs = 0
         starts = range(0, n, b * acc.num_processes)
         # Its own bar (left behind when done), so a long evaluation is never a frozen training bar.
-        bar = tqdm(starts, desc=f"eval {n} pairs", unit="batch", dynamic_ncols=True, leave=False,
+        bar = progress_bar(starts, desc=f"eval {n} pairs", unit="batch", dynamic_ncols=True, leave=False,
                    disable=not (acc.is_main_process and self.cfg.progress_bar))
         # Each process scores a contiguous stripe of every global eval batch; nothing is dropped.
         for start in bar:
@@ -238,7 +238,7 @@ class Trainer:
         began = time.perf_counter()
         with together(acc):  # a tracker that cannot start (main process only) stops every process
             self.logger.start(cfg.to_dict() if hasattr(cfg, "to_dict") else None)
-        bar = tqdm(
+        bar = progress_bar(
             total=self.total_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True,
             disable=not (acc.is_main_process and cfg.progress_bar),
         )
@@ -252,7 +252,6 @@ class Trainer:
                 window["sums"][k] += v
             window["pairs"] += pairs
             window["tokens"] += tokens
-            bar.update(1)
             if self.step % cfg.logging_steps == 0 or self.step == self.total_steps:
                 reduced, total_pairs = self.all_reduce_sum(dict(window["sums"]), window["pairs"])
                 total_tokens = self.all_reduce_sum({"tokens": window["tokens"]}, 0)[0]["tokens"]
@@ -270,6 +269,7 @@ class Trainer:
                 bar.set_postfix(loss=f"{row.get('loss', float('nan')):.4f}", acc=f"{row.get('rewards/accuracies', row.get('accuracy', float('nan'))):.2f}")
                 window.update(sums=defaultdict(float), pairs=0, tokens=0)
                 window_start = time.perf_counter()
+            bar.update(1)  # after the postfix: a log line (progress.LineProgress) shows this step's loss
             paused = time.perf_counter()
             if cfg.eval_steps > 0 and self.step % cfg.eval_steps == 0 and self.step < self.total_steps:
                 self.log_eval()
