@@ -41,7 +41,14 @@ from prefopt.objectives.reward import RewardObjective, check_margin_scores
 from prefopt.training.checkpoint import restore
 from prefopt.training.distributed import build_accelerator, engine_of, load_dtype, prepare_reference
 from prefopt.training.metrics import resolve_trackers, run_summary
-from prefopt.training.preflight import RunPlan, check_model_paths, check_resume_data, plan_run
+from prefopt.training.preflight import (
+    RunPlan,
+    agree_on_plan,
+    check_model_paths,
+    check_resume_data,
+    check_resume_engine,
+    plan_run,
+)
 from prefopt.training.run_dir import RunDirectory, contents
 from prefopt.training.run_lock import RunLock
 from prefopt.training.trainer import Trainer
@@ -73,6 +80,8 @@ def _start(cfg: TrainConfig, *, model, tokenizer, train_dataset) -> tuple[RunPla
     if cfg.return_freed_memory:
         return_freed_memory()  # lower peak RSS on CPU (memory.py)
     accelerator = build_accelerator(cfg)  # engine, mixed precision, torch.compile, and their refusals
+    plan = agree_on_plan(plan, accelerator)  # every process restores the checkpoint the main process chose
+    check_resume_engine(plan, engine_of(accelerator), accelerator.num_processes)
     set_seed(cfg.seed)
     if tokenizer is None:
         tokenizer = load_tokenizer(cfg.tokenizer_name_or_path or cfg.model_name_or_path)

@@ -256,12 +256,14 @@ def save(trainer) -> Path:
         torch.save(rng_state(), tmp_dir / f"rng_state_{acc.process_index}.pt")
         state_dict = trainer.gather_model_state()  # a collective under FSDP / ZeRO-3: every process calls it
         optimizer_state = trainer.gather_optimizer_state()  # a collective under FSDP2 (None: not sharded)
+        trainer.save_engine_state(tmp_dir)  # a collective under DeepSpeed: every process writes its partition
         acc.wait_for_everyone()
         if acc.is_main_process:
             trainer.save_model(tmp_dir, state_dict)
             torch.save(trainer.state_dict(optimizer_state), tmp_dir / STATE_FILE)
             test_hook("save", step)
-            write_manifest(tmp_dir, step, {"data_fingerprint": getattr(trainer, "data_fingerprint", None)})
+            write_manifest(tmp_dir, step, {"data_fingerprint": getattr(trainer, "data_fingerprint", None),
+                                           "engine": engine_of(acc), "num_processes": acc.num_processes})
             replace_dir(tmp_dir, final_dir)
             prune_checkpoints(trainer.output_dir, trainer.cfg.save_total_limit)
             if run_dir is not None:
@@ -421,12 +423,15 @@ def restore(trainer, directory: str | Path) -> int:
     directory = Path(directory)
     acc = trainer.accelerator
     state = read_training_state(directory)
-    if engine_of(acc) == "fsdp2":
+    engine = engine_of(acc)
+    saved_procs = int(state.get("num_processes", acc.num_processes))
+    if engine == "deepspeed":  # preflight.check_resume_engine made sure the checkpoint has the partitions
+        trainer.load_engine_state(directory, state["deepspeed_tag"])  # weights and this process's partition
+    elif engine == "fsdp2":
         trainer.load_model_state(read_model_weights(directory))  # every process loads its shard
     else:
         load_model_weights(trainer.unwrapped_model(), directory)
     trainer.load_state_dict(state)
-    saved_procs = int(state.get("num_processes", acc.num_processes))
     rng = read_rng_state(directory, acc.process_index) or read_rng_state(directory, 0)
     if rng is not None:
         set_rng_state(rng)
