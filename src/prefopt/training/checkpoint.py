@@ -6,6 +6,8 @@ into place, so a directory named ``checkpoint-*`` is complete. It holds:
 - the model, as the run saves it (``save_pretrained``: weights, config, tokenizer);
 - ``training_state.pt``: step, optimizer, scheduler, the metrics window not yet logged, skip count;
 - ``rng_state_RANK.pt``: Python, NumPy, torch and CUDA generator states, one file per process;
+- under DeepSpeed only, the engine's own checkpoint (``global_stepSTEP/`` with one ZeRO optimizer
+  partition per process, ``latest``, ``zero_to_fp32.py``), written by every process;
 - ``checkpoint.json``: a manifest written last: the step, the size and SHA-256 of every file, and the
   fingerprint of the tokenized training data (``data.fingerprint``). Discovery checks the sizes
   (cheap: a truncated copy, a half-finished delete); resuming and the non-finite guard also check
@@ -14,9 +16,11 @@ into place, so a directory named ``checkpoint-*`` is complete. It holds:
 
 The data order is a pure function of ``(seed, epoch)`` (``data_order.Schedule``), so restoring the step
 restores the position in the data. Assumptions for several processes: every process sees the same
-``output_dir`` (a shared file system), and the optimizer state is saved whole: under plain DDP the main
-process holds all of it; under FSDP2 every process takes part in gathering the full state (and, on
-restore, loads its shard of it), so a checkpoint does not depend on the process count.
+``output_dir`` (a shared file system). Under plain DDP the main process holds the whole optimizer state;
+under FSDP2 every process takes part in gathering the full state (and, on restore, loads its shard of
+it), so those checkpoints do not depend on the process count. Under DeepSpeed ZeRO each process saves
+and restores its own partition, so a ZeRO checkpoint resumes with the process count that wrote it
+(``preflight.check_resume_engine``).
 """
 
 from __future__ import annotations

@@ -7,7 +7,8 @@ position is fully described by the optimizer step, which is what makes checkpoin
 
 Its public surface is what checkpointing (``checkpoint.save``/``restore``) and the non-finite guard
 (``guard.check_step``) use: ``state_dict``/``load_state_dict`` (step, optimizer, scheduler, the
-unlogged metrics window, skip count), ``gather_model_state``/``save_model``, ``all_reduce_sum``.
+unlogged metrics window, skip count), ``gather_model_state``/``save_model``, ``save_engine_state``/
+``load_engine_state`` (DeepSpeed's per-process ZeRO partitions), ``all_reduce_sum``.
 """
 
 from __future__ import annotations
