@@ -291,7 +291,7 @@ def zero_run(tiny_llama, easy_data, runs_dir):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", sorted(ZERO_LAYOUTS))
-def test_deepspeed_zero_two_processes_equal_one_process_on_cpu(single_run, zero_run, stage):
+def test_deepspeed_zero_two_processes_equal_one_process_on_cpu(zero_run, single_run, stage):
     """ZeRO-2 and ZeRO-3 against one process x 8 pairs. Needs the deepspeed package."""
     assert_same_run(single_run, zero_run(stage))
 
