@@ -12,6 +12,7 @@ import dataclasses
 import difflib
 import math
 import os
+import reprlib
 import sys
 import types
 import typing
@@ -22,6 +23,7 @@ from typing import Any
 import yaml
 
 from prefopt.errors import ConfigError
+from prefopt.io import simulate_full_disk, write_text_atomic
 from prefopt.losses.combine import LossOptions
 from prefopt.trl_compat import SAME_NAMED, TRL_KEYS, Refused, resolve_lr_floor, trl_hint
 
@@ -415,6 +417,10 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
         self._check_numbers()
         self.output_dir = os.path.expanduser(str(self.output_dir))  # `~/runs/a` as a shell would read it
+        if self.run_name is not None and (self.run_name in (".", "..") or any(c in self.run_name for c in "/\\\0")):
+            # It names TensorBoard's folder LOGGING_DIR/RUN_NAME: a path there would write outside it.
+            raise ConfigError(f"run_name {self.run_name!r} must be a plain name (no '/', not '.' or '..'); "
+                              "set logging_dir to choose where the trackers write")
         if self.max_steps == 0 or (self.max_steps < 0 and self.num_train_epochs <= 0):
             raise ConfigError("set max_steps > 0 or num_train_epochs > 0")
         if self.save_total_limit is not None and self.save_total_limit < 1:
@@ -586,7 +592,7 @@ def coerce_value(cls, name: str, value: Any) -> Any:
             out = value
     except (TypeError, ValueError):
         raise ConfigError(
-            f"config key {name!r} expects {getattr(base, '__name__', base)}, got {value!r}"
+            f"config key {name!r} expects {getattr(base, '__name__', base)}, got {_SHORT.repr(value)}"
         ) from None
     choices = f.metadata.get("choices")
     out = f.metadata.get("aliases", {}).get(out, out) if isinstance(out, str) else out
@@ -631,8 +637,15 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+# Values shown in an error line: a YAML alias bomb or a pasted blob is named, not printed in full.
+_SHORT = reprlib.Repr()
+_SHORT.maxlevel, _SHORT.maxlist, _SHORT.maxdict, _SHORT.maxstring, _SHORT.maxother = 2, 4, 4, 60, 60
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
     p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"config file {p} is a directory; give a YAML file")
     if not p.is_file():
         raise ConfigError(f"config file not found: {p}")
     try:
@@ -718,7 +731,10 @@ def build_config(cls, yaml_path: str | Path | None = None, overrides: dict[str, 
 
 
 def save_config(config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False), encoding="utf-8")
+    """Atomic: a full disk while a resumed run rewrites it leaves the earlier file whole."""
+    text = yaml.safe_dump(dataclasses.asdict(config), sort_keys=False)
+    simulate_full_disk("config")
+    write_text_atomic(path, text)
 
 
 def command_fields(cls, command: str | None) -> dict[str, dataclasses.Field]:

@@ -33,6 +33,13 @@ class DataError(PrefoptError):
         # Rebuilt from its parts when it crosses a process boundary (a tokenizing worker).
         return (type(self), (self.source, self.row, self.field, self.problem, self.row_label))
 
+
+class SharedFailure(PrefoptError):
+    """Raised on the other processes of a multi-process run when one process failed: they stop
+    with the same exit status, and only the main process prints the line
+    (``training.distributed.together``)."""
+
+
 class RunInterrupted(Exception):
     """Training stopped on SIGTERM or SIGINT after writing a checkpoint. Not a ``PrefoptError``: the
     input was fine, and the exit status says which signal it was (128 + the signal number, what a

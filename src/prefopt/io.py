@@ -14,6 +14,8 @@ import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+FULL_DISK_ENV = "PREFOPT_TEST_ENOSPC"
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
@@ -47,3 +49,13 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
 def write_jsonl_atomic(path: str | Path, rows: Iterable[dict], **dumps_kwargs) -> Path:
     """One JSON object per line."""
     return write_text_atomic(path, "".join(json.dumps(row, **dumps_kwargs) + "\n" for row in rows))
+
+
+def simulate_full_disk(point: str, step: int | None = None) -> None:
+    """Tests only: ``PREFOPT_TEST_ENOSPC=POINT`` (or ``POINT:STEP``) makes the write named ``point``
+    fail as on a full disk: ``save:K`` (checkpoint K), ``metrics:K`` (the metrics row of step K),
+    ``config`` (config.yaml), ``record`` (the run record), ``final`` (the final model), ``card``
+    (the model card), ``eval:N`` (the N-th result file of ``prefopt eval``). Never set in normal use."""
+    wanted = os.environ.get(FULL_DISK_ENV)
+    if wanted and wanted in (point, f"{point}:{step}"):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))

@@ -24,7 +24,7 @@ from prefopt.config import TrainConfig, save_config
 from prefopt.data.collate import RewardPairCollator
 from prefopt.data.formats import Columns, load_pairs
 from prefopt.data.prepare import apply_score_policy, prepare_dataset, prepare_train_eval, summary_line
-from prefopt.errors import ConfigError, PrefoptError
+from prefopt.errors import ConfigError
 from prefopt.evaluation.model_card import write_model_card
 from prefopt.io import write_jsonl_atomic, write_text_atomic
 from prefopt.losses.combine import LossOptions
@@ -38,8 +38,8 @@ from prefopt.objectives.preference import PreferenceObjective
 from prefopt.objectives.reference import AdapterOffReference, AutocastReference, LiveReference
 from prefopt.objectives.reference_cache import cached_reference, store_rows
 from prefopt.objectives.reward import RewardObjective, check_margin_scores
-from prefopt.training.checkpoint import restore
-from prefopt.training.distributed import build_accelerator, engine_of, load_dtype, prepare_reference
+from prefopt.training.checkpoint import restore, write_errors
+from prefopt.training.distributed import build_accelerator, engine_of, load_dtype, prepare_reference, together
 from prefopt.training.metrics import resolve_trackers, run_summary
 from prefopt.training.preflight import (
     RunPlan,
@@ -76,12 +76,17 @@ def _start(cfg: TrainConfig, *, model, tokenizer, train_dataset) -> tuple[RunPla
     cfg.validate(require_paths=False)
     resolve_trackers(cfg.report_to)  # a tracker that is not installed: one line, before anything is read
     _check_sources(cfg, model=model, tokenizer=tokenizer, train_dataset=train_dataset)
-    plan = plan_run(cfg)  # output_dir rule, model paths, checkpoint to resume
+    accelerator = build_accelerator(cfg)  # engine, mixed precision, torch.compile, and their refusals
+    # Output-dir rule, model paths, checkpoint to resume. Settled across processes: the file system
+    # can change between two processes' looks (a lock taken, a file written), and a refusal must
+    # stop every process with one line, not leave some waiting for the others.
+    with together(accelerator):
+        plan = plan_run(cfg)
+    plan = agree_on_plan(plan, accelerator)  # every process restores the checkpoint the main process chose
+    with together(accelerator):
+        check_resume_engine(plan, engine_of(accelerator), accelerator.num_processes)
     if cfg.return_freed_memory:
         return_freed_memory()  # lower peak RSS on CPU (memory.py)
-    accelerator = build_accelerator(cfg)  # engine, mixed precision, torch.compile, and their refusals
-    plan = agree_on_plan(plan, accelerator)  # every process restores the checkpoint the main process chose
-    check_resume_engine(plan, engine_of(accelerator), accelerator.num_processes)
     set_seed(cfg.seed)
     if tokenizer is None:
         tokenizer = load_tokenizer(cfg.tokenizer_name_or_path or cfg.model_name_or_path)
@@ -98,36 +103,32 @@ def start_output_dir(cfg: TrainConfig, plan: RunPlan, summaries: dict, accelerat
                      ) -> tuple[RunDirectory | None, RunLock | None]:
     """Take the directory's lock, move an earlier run aside if allowed (every input is checked and
     every model built by now), then write the resolved config and the data summary. The main
-    process does the work; the others learn the outcome, so a refusal stops every process alike."""
+    process does the work; the others learn the outcome, so a refusal stops every process alike.
+    A failed write puts the earlier run back and releases the lock."""
     output_dir = Path(cfg.output_dir)
     run_dir = lock = None
-    failure = None
-    if accelerator.is_main_process:
-        try:
-            output_dir.mkdir(parents=True, exist_ok=True)
-            lock = RunLock(output_dir).acquire()
-            if plan.resume_from is None and not plan.overwrite and contents(output_dir):
-                raise ConfigError(f"output_dir {output_dir} was written to while this run was starting "
-                                  f"(it now holds: {', '.join(contents(output_dir)[:4])}); choose another output_dir")
-            run_dir = RunDirectory(output_dir)
-            run_dir.begin(overwrite=plan.overwrite, resume=plan.resume_from is not None)
-            run_dir.wrote("config.yaml", "data_summary.json", "metrics.jsonl", "tensorboard", "runs",
-                          *(["merged"] if cfg.use_peft and cfg.merge_adapter_on_save else []))
-            save_config(cfg, output_dir / "config.yaml")
-            write_text_atomic(output_dir / "data_summary.json", json.dumps(summaries, indent=2) + "\n")
-        except (PrefoptError, OSError) as e:
-            if lock is not None:
-                lock.release()
-            failure = e if isinstance(e, PrefoptError) else PrefoptError(f"output_dir {output_dir}: {e}")
-    if accelerator.num_processes > 1:
-        from accelerate.utils import broadcast_object_list
-
-        message = [str(failure) if failure is not None else None]
-        broadcast_object_list(message, from_process=0)
-        if message[0] is not None and failure is None:
-            failure = PrefoptError(message[0])
-    if failure is not None:
-        raise failure
+    with together(accelerator):
+        if accelerator.is_main_process:
+            try:
+                with write_errors(output_dir, "the run's files (config.yaml, data_summary.json, the run record)"):
+                    output_dir.mkdir(parents=True, exist_ok=True)
+                    lock = RunLock(output_dir).acquire()
+                    if plan.resume_from is None and not plan.overwrite and contents(output_dir):
+                        raise ConfigError(f"output_dir {output_dir} was written to while this run was starting "
+                                          f"(it now holds: {', '.join(contents(output_dir)[:4])}); choose another "
+                                          "output_dir")
+                    run_dir = RunDirectory(output_dir)
+                    run_dir.begin(overwrite=plan.overwrite, resume=plan.resume_from is not None)
+                    run_dir.wrote("config.yaml", "data_summary.json", "metrics.jsonl", "tensorboard", "runs",
+                                  *(["merged"] if cfg.use_peft and cfg.merge_adapter_on_save else []))
+                    save_config(cfg, output_dir / "config.yaml")
+                    write_text_atomic(output_dir / "data_summary.json", json.dumps(summaries, indent=2) + "\n")
+            except BaseException:
+                if run_dir is not None:
+                    run_dir.abort()  # an earlier run moved aside comes back
+                if lock is not None:
+                    lock.release()
+                raise
     return run_dir, lock
 
 
@@ -155,15 +156,19 @@ def _run(cfg: TrainConfig, plan: RunPlan, accelerator, *, model, train_pairs, ev
 
 def finish_run(cfg: TrainConfig, trainer: Trainer, final: dict[str, Any], summaries: dict, *, kind: str,
                merged: Path | None = None) -> None:
-    """After the final save (main process): the model card next to the model (and the merged
-    one), then the end-of-run summary on stdout."""
-    if not trainer.accelerator.is_main_process:
-        return
+    """After the final save: the model card next to the model (and the merged one), written by the
+    main process (every process learns whether it failed), then the end-of-run summary on stdout."""
+    acc = trainer.accelerator
     output_dir = Path(cfg.output_dir)
-    if trainer.run_dir is not None:
-        trainer.run_dir.wrote("README.md", "training_curves.png")  # recorded before they exist
-    write_model_card(output_dir, cfg, final=final, steps=trainer.step, summaries=summaries, kind=kind,
-                     copies=[merged] if merged is not None else [])
+    with together(acc), write_errors(output_dir, "the model card (README.md, training_curves.png)",
+                                     kept=f"the final model is saved in {output_dir}"):
+        if acc.is_main_process:
+            if trainer.run_dir is not None:
+                trainer.run_dir.wrote("README.md", "training_curves.png")  # recorded before they exist
+            write_model_card(output_dir, cfg, final=final, steps=trainer.step, summaries=summaries, kind=kind,
+                             copies=[merged] if merged is not None else [])
+    if not acc.is_main_process:
+        return
     extra = {"merged model": merged} if merged is not None else None
     for line in run_summary(final, steps=trainer.step, seconds=trainer.wall_time, output_dir=output_dir,
                             what="reward model" if kind == "reward model" else "model", extra_dirs=extra):
@@ -274,10 +279,11 @@ def train(cfg: TrainConfig, *, model=None, tokenizer=None, ref_model=None, train
         # From the saved adapter files, on one process: the same for every engine.
         output_dir = Path(cfg.output_dir)
         merged = output_dir / "merged"
-        if accelerator.is_main_process:
-            merge_adapter(cfg.model_name_or_path, output_dir, merged, dtype=load_dtype(cfg))
-            tokenizer.save_pretrained(merged)
-        accelerator.wait_for_everyone()
+        with together(accelerator), write_errors(output_dir, "the merged model (merged/)",
+                                                 kept=f"the adapter is saved in {output_dir}"):
+            if accelerator.is_main_process:
+                merge_adapter(cfg.model_name_or_path, output_dir, merged, dtype=load_dtype(cfg))
+                tokenizer.save_pretrained(merged)
     finish_run(cfg, trainer, final, summaries, kind="policy", merged=merged)
     return final
 

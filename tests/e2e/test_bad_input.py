@@ -102,6 +102,7 @@ class Case:
     needles: list[str]
     may_write: str | None = None  # a directory (relative to the case's) where a run may leave new files
     env: dict[str, str] = field(default_factory=dict)
+    after: Callable[[Path], None] | None = None  # more checks of what the case's directory holds afterwards
 
 
 def train(t: Path, e: dict, data: str | Path, *extra: str, model: str = "llama") -> list[str]:
@@ -207,6 +208,26 @@ def eval_output_dir_is_file(t, e):
     return argv
 
 
+def eval_earlier_results(t: Path) -> None:
+    """An earlier evaluation's files in the output directory, which a failed one must leave as they are."""
+    (t / "eval").mkdir()
+    (t / "eval" / "eval_llama.json").write_text('{"name": "llama", "reward": 0.25}\n')
+    (t / "eval" / "frontier.png").write_bytes(b"an earlier plot")
+
+
+def eval_disk_full_writing_the_second_result(t, e):
+    argv = eval_with("bad_input_scorers:fine", models=(str(e["llama"]),))(t, e)
+    eval_earlier_results(t)
+    return argv
+
+
+def eval_result_name_taken_by_a_directory(t, e):
+    argv = eval_with("bad_input_scorers:fine", models=(str(e["llama"]),))(t, e)
+    eval_earlier_results(t)
+    (t / "eval" / "eval_llama_.json").mkdir()  # the second policy's result name
+    return argv
+
+
 def resume(t, e, *extra, data=None):
     shutil.copytree(e["run"], t / "run")
     return ["train", "--model_name_or_path", str(e["llama"]), "--dataset", str(data or e["data"]),
@@ -237,6 +258,36 @@ def resume_explicit_damaged(t, e):
 def disk_full_during_checkpoint(t, e):
     return ["train", "--model_name_or_path", str(e["llama"]), "--dataset", str(e["data"]), "--output_dir",
             str(t / "out"), "--max_steps", "5", "--save_steps", "2", "--per_device_train_batch_size", "4", *FAST]
+
+
+def run_args(e: dict, out: Path) -> list[str]:
+    """The earlier run's settings with a metrics row every step."""
+    return ["train", "--model_name_or_path", str(e["llama"]), "--dataset", str(e["data"]), "--output_dir", str(out),
+            "--max_steps", "5", "--save_steps", "2", "--per_device_train_batch_size", "4", "--learning_rate", "1e-3",
+            "--logging_steps", "1", *FAST]
+
+
+def disk_full_run(t, e):
+    return run_args(e, t / "out")
+
+
+def metrics_rows_before_step_3(t: Path) -> None:
+    """The rows written before the failure are intact and nothing of step 3's row is left."""
+    lines = (t / "out" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in lines] == [1, 2]
+
+
+def no_model_at_the_top(t: Path) -> None:
+    assert not (t / "out" / "model.safetensors").exists()
+    assert sorted(p.name for p in (t / "out").glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+
+
+def model_kept_card_missing(t: Path) -> None:
+    assert (t / "out" / "model.safetensors").is_file() and not (t / "out" / "README.md").exists()
+
+
+def nothing_but_bookkeeping(t: Path) -> None:
+    assert {p.name for p in (t / "out").iterdir()} <= {".prefopt-run.json", ".prefopt.lock"}
 
 
 CASES = [
@@ -274,6 +325,11 @@ CASES = [
     Case("eval_output_dir_is_a_file", eval_output_dir_is_file, ["--output_dir", "not a directory"]),
     Case("eval_second_model_missing", eval_with("bad_input_scorers:fine", models=("TMP/no_such_policy",)),
          ["model path not found", "no_such_policy"]),
+    Case("eval_disk_full_writing_the_second_result", eval_disk_full_writing_the_second_result,
+         ["disk full", "no space left on /", "the eval results", "no result was written"],
+         env={"PREFOPT_TEST_ENOSPC": "eval:2"}),
+    Case("eval_result_name_taken_by_a_directory", eval_result_name_taken_by_a_directory,
+         ["--output_dir", "eval_llama_.json", "is a directory"]),
     Case("resume_with_changed_data", resume_changed_data,
          ["training data", "differs", "checkpoint-4", "ignore_data_change"]),
     Case("resume_with_every_checkpoint_damaged", resume_all_checkpoints_damaged,
@@ -283,6 +339,21 @@ CASES = [
     Case("disk_full_during_a_checkpoint", disk_full_during_checkpoint,
          ["disk full", "no space left on /", "checkpoint-4", "last intact checkpoint", "checkpoint-2"],
          may_write="out", env={"PREFOPT_TEST_ENOSPC": "save:4"}),
+    Case("disk_full_writing_config_yaml", disk_full_run,
+         ["disk full", "no space left on /", "config.yaml", "no checkpoint was written yet"],
+         may_write="out", env={"PREFOPT_TEST_ENOSPC": "config"}, after=nothing_but_bookkeeping),
+    Case("disk_full_writing_the_run_record", disk_full_run,
+         ["disk full", "no space left on /", "run record", "no checkpoint was written yet"],
+         may_write="out", env={"PREFOPT_TEST_ENOSPC": "record"}, after=nothing_but_bookkeeping),
+    Case("disk_full_writing_metrics_jsonl", disk_full_run,
+         ["disk full", "no space left on /", "metrics.jsonl", "last intact checkpoint", "checkpoint-2"],
+         may_write="out", env={"PREFOPT_TEST_ENOSPC": "metrics:3"}, after=metrics_rows_before_step_3),
+    Case("disk_full_writing_the_final_model", disk_full_run,
+         ["disk full", "no space left on /", "the final model", "last intact checkpoint", "checkpoint-4"],
+         may_write="out", env={"PREFOPT_TEST_ENOSPC": "final"}, after=no_model_at_the_top),
+    Case("disk_full_writing_the_model_card", disk_full_run,
+         ["disk full", "no space left on /", "model card", "README.md", "the final model is saved in"],
+         may_write="out", env={"PREFOPT_TEST_ENOSPC": "card"}, after=model_kept_card_missing),
 ]
 
 
@@ -320,6 +391,26 @@ def test_bad_input_is_one_line_exit_2_and_changes_nothing(case, env, tmp_path, c
     _check(case, code, err, tmp_path, before, _trees(tmp_path, env))
     if case.may_write:  # nothing half-written is left behind
         assert not [p for p in (tmp_path / case.may_write).rglob("*") if p.name.startswith(".tmp")]
+    if case.after is not None:
+        case.after(tmp_path)
+
+
+def test_a_run_stopped_by_a_full_disk_resumes_to_the_uninterrupted_run(env, tmp_path, capsys, monkeypatch):
+    """After the one-line stop, ``--resume`` (the disk has room again) ends with the same weights and
+    the same metrics.jsonl as a run that never failed: nothing half-written was left to trip over."""
+    from safetensors.torch import load_file
+
+    whole = tmp_path / "whole"
+    assert main(run_args(env, whole)) == 0
+    out = tmp_path / "out"
+    monkeypatch.setenv("PREFOPT_TEST_ENOSPC", "metrics:3")  # after checkpoint-2, half of row 3 written
+    assert main(run_args(env, out)) == 2
+    monkeypatch.delenv("PREFOPT_TEST_ENOSPC")
+    assert main([*run_args(env, out), "--resume"]) == 0
+    capsys.readouterr()
+    assert (out / "metrics.jsonl").read_bytes() == (whole / "metrics.jsonl").read_bytes()
+    a, b = load_file(whole / "model.safetensors"), load_file(out / "model.safetensors")
+    assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
 
 
 @pytest.mark.slow

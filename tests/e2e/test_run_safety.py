@@ -79,6 +79,12 @@ def _pair(sw, sl):
             "score_rejected": sl}
 
 
+# Seven nested levels of 9 aliases each: a few lines of YAML, millions of items once expanded.
+ALIAS_BOMB = ("beta: [&a [x, x, x, x, x, x, x, x, x], &b [*a, *a, *a, *a, *a, *a, *a, *a, *a], "
+              "&c [*b, *b, *b, *b, *b, *b, *b, *b, *b], &d [*c, *c, *c, *c, *c, *c, *c, *c, *c], "
+              "&e [*d, *d, *d, *d, *d, *d, *d, *d, *d], &f [*e, *e, *e, *e, *e, *e, *e, *e, *e], "
+              "[*f, *f, *f, *f, *f, *f, *f, *f, *f]]\n")
+
 # (id, extra arguments from the context (replacing --output_dir / --dataset where given), needles of the one line)
 CASES = [
     # --- every setting checked before the earlier run is touched (all with --overwrite_output_dir)
@@ -131,6 +137,14 @@ CASES = [
      ["vocab.json", "not written by a prefopt run"]),
     ("tensorboard_symlink", lambda c: ["--output_dir", c.tmp / "linked"], ["tensorboard is a symbolic link"]),
     ("record_naming_a_path_outside", lambda c: ["--output_dir", c.tmp / "forged"], ["unreadable run record", "'../model'"]),
+    ("lock_file_is_a_symlink", lambda c: ["--output_dir", c.tmp / "locklink"],
+     [".prefopt.lock is a symbolic link", "outside"]),
+    ("run_record_is_a_symlink", lambda c: ["--output_dir", c.tmp / "recordlink"],
+     [".prefopt-run.json is a symbolic link", "outside"]),
+    ("run_name_is_a_path", lambda c: ["--run_name", "../../escaped"], ["run_name", "'../../escaped'", "plain name"]),
+    ("logging_dir_inside_the_model", lambda c: ["--logging_dir", c.model / "tb"],
+     ["logging_dir", "lies inside model_name_or_path"]),
+    ("yaml_alias_bomb", lambda c: ["--config", c.yaml(ALIAS_BOMB)], ["'beta'", "expects float", "[[...], [...], [...], [...], ...], ...]"]),
     ("read_only_output_dir", lambda c: ["READONLY"], ["output_dir", "not writable"]),
     ("output_dir_in_use", lambda c: ["LOCKED"], ["in use by another prefopt run", "pid 4242", "prefopt train --other"]),
 ]
@@ -154,6 +168,10 @@ def _prepare(ctx: Ctx) -> None:
     (ctx.tmp / "outside").mkdir()
     (ctx.tmp / "outside" / "events").write_text("keep me")
     os.symlink(ctx.tmp / "outside", ctx.tmp / "linked" / "tensorboard")
+    for name, link in (("locklink", LOCK_FILE), ("recordlink", RECORD_FILE)):  # bookkeeping files as links
+        shutil.copytree(ctx.out, ctx.tmp / name, symlinks=True)
+        (ctx.tmp / name / link).unlink(missing_ok=True)
+        os.symlink(ctx.tmp / "outside" / "events", ctx.tmp / name / link)
     (ctx.tmp / "forged").mkdir()  # a record that would send an overwrite outside the directory
     (ctx.tmp / "forged" / RECORD_FILE).write_text(json.dumps({"entries": ["config.yaml", "../model"]}))
     (ctx.tmp / "forged" / "config.yaml").write_text("seed: 1\n")
@@ -351,3 +369,78 @@ def test_sigterm_from_outside_exits_143_and_resume_is_bit_identical(tiny_llama, 
     a, b = load_file(earlier_run / "model.safetensors"), load_file(killed_dir / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert (killed_dir / "metrics.jsonl").read_bytes() == (earlier_run / "metrics.jsonl").read_bytes()
+
+
+# ------------------------------------------------------------------------------------------ several processes
+def _torchrun(args: list[str], log_dir: Path, env_extra: dict, timeout: int = 240) -> tuple[dict[int, int], dict]:
+    """``torchrun --nproc_per_node 2`` on CPU (gloo), each process's stderr in its own file. Returns
+    ({rank: exit status}, {rank: stderr}). A hang fails the test at ``timeout`` (the whole process
+    group is killed) instead of blocking the suite."""
+    env = dict(os.environ, PYTHONPATH=SRC + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+    for var in ("PREFOPT_TEST_KILL", "ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"):
+        env.pop(var, None)
+    env.update(env_extra)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "--log-dir", str(log_dir), "--redirects", "3", "-m", "prefopt", *args]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        _, launcher_err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        pytest.fail(f"the 2-process run did not end within {timeout} s (a process waits forever)")
+    errs = {int(p.parent.name): p.read_text() for p in log_dir.rglob("stderr.log")}
+    # torchrun reports each failed process as "rank : R (local_rank: R)" followed by "exitcode : N".
+    codes = {}
+    for block in launcher_err.split("rank      : ")[1:]:
+        rank = int(block.split()[0])
+        codes[rank] = int(block.split("exitcode  : ")[1].split()[0])
+    if proc.returncode == 0:
+        codes = {0: 0, 1: 0}
+    return codes, errs
+
+
+# (id, environment of the run, needles of the main process's one line). A metrics row failing on the main
+# process goes through the same settling (``Trainer.log_row``); it is left out to keep the suite short.
+MULTI_PROCESS_CASES = [
+    ("disk_full_on_the_main_process_during_a_checkpoint", {"PREFOPT_TEST_ENOSPC": "save:2"},
+     ["disk full", "checkpoint-2", "no checkpoint was written yet"]),
+    ("output_dir_locked_by_another_run", {}, ["in use by another prefopt run", "--marker"]),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", MULTI_PROCESS_CASES, ids=[c[0] for c in MULTI_PROCESS_CASES])
+def test_a_failure_on_the_main_process_stops_every_process_with_one_line(case, tiny_llama, data, tmp_path):
+    """A write that fails on the main process only (the others are waiting to go on), or an
+    output_dir locked by another run: every process exits with status 2, exactly one
+    ``prefopt: error:`` line (from the main process), no traceback, no process left waiting, and a
+    locked directory is left exactly as it was."""
+    case_id, env_extra, needles = case
+    out = tmp_path / "out"
+    holder = None
+    if case_id == "output_dir_locked_by_another_run":
+        out.mkdir()
+        env = dict(os.environ, PYTHONPATH=SRC + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(out), "--marker"], env=env,
+                                  stdout=subprocess.PIPE, text=True)
+        assert holder.stdout.readline().strip() == "locked"
+    before = snapshot(tmp_path)
+    try:
+        codes, errs = _torchrun(train_argv(tiny_llama, data, out, "--per_device_train_batch_size", "2"),
+                                tmp_path / "logs", env_extra)
+    finally:
+        if holder is not None:
+            holder.kill()
+            holder.wait()
+    assert codes == {0: 2, 1: 2}, (codes, errs)
+    assert sorted(errs) == [0, 1] and not any("Traceback" in e for e in errs.values()), errs
+    lines = [line for e in errs.values() for line in e.splitlines() if line.startswith("prefopt: error:")]
+    assert len(lines) == 1 and lines[0] in errs[0], errs
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    assert not [p for p in out.rglob("*") if p.name.startswith(".tmp")]  # no half-written checkpoint or model
+    if holder is not None:  # nothing written into the locked directory
+        assert_unchanged(before, out)
+        assert sorted(p.name for p in out.iterdir()) == [LOCK_FILE]

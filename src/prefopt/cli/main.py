@@ -11,7 +11,7 @@ from prefopt import __version__
 from prefopt.cli.args import config_command_args, config_from_args, reject_extra, train_args
 from prefopt.cli.reward import configure as configure_reward
 from prefopt.cli.reward import run as run_reward
-from prefopt.errors import PrefoptError, RunInterrupted
+from prefopt.errors import PrefoptError, RunInterrupted, SharedFailure
 
 # The commands import the library (torch models, transformers, accelerate) when they run, not at
 # the top, so that `prefopt --help` and argument errors answer at once.
@@ -256,10 +256,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"prefopt: {e}", file=sys.stderr)
         return e.exit_code
     except PrefoptError as e:
-        if args.debug:
+        if args.debug and not isinstance(e, SharedFailure):
             raise
-        for line in str(e).splitlines() or [""]:  # several problems: one line each
-            print(f"prefopt: error: {line}", file=sys.stderr)
+        if not isinstance(e, SharedFailure):  # SharedFailure: another process failed; the main one says so
+            for line in str(e).splitlines() or [""]:  # several problems: one line each
+                print(f"prefopt: error: {line}", file=sys.stderr)
+        if getattr(e, "settled", False):  # several processes failed together: they exit together
+            from prefopt.training.distributed import exit_together
+
+            exit_together(e, 2)
         return 2
     except KeyboardInterrupt:
         print("prefopt: interrupted", file=sys.stderr)

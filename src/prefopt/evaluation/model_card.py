@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from prefopt.io import write_text_atomic
+from prefopt.io import simulate_full_disk, write_text_atomic
 
 # A Hub repository id: `owner/name` (or a bare canonical name), nothing that looks like a file.
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
@@ -147,6 +147,7 @@ def write_model_card(directory: str | Path, cfg, *, final: dict[str, Any], steps
     """``README.md`` (and ``training_curves.png`` from ``metrics_path``) in ``directory``, and the
     same two files in each of ``copies`` (a merged model's directory)."""
     directory = Path(directory)
+    simulate_full_disk("card")
     plot = None
     metrics_path = Path(metrics_path) if metrics_path else directory / "metrics.jsonl"
     if metrics_path.is_file() and metrics_path.stat().st_size:

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from prefopt.errors import PrefoptError
+from prefopt.io import atomic_path
 from prefopt.training.metrics import read_metrics
 
 # Fixed colours per method, so a method looks the same on every plot.
@@ -22,6 +23,15 @@ METHOD_LABELS = {"dpo_noisy": "DPO, noisy labels", "dpo_rm_filtered": "DPO, nois
 METHOD_COLORS.update({"online_dpo": "navy", "online_odpo": "darkred"})
 METHOD_STYLES.update({"online_dpo": "D", "online_odpo": "D"})
 METHOD_LABELS.update({"online_dpo": "online DPO (mean ± std over seeds)", "online_odpo": "online ODPO (mean ± std over seeds)"})
+
+
+def save_figure(fig, path: Path, dpi: int) -> None:
+    """Written beside ``path`` and renamed (a full disk leaves the earlier image whole), then closed."""
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=dpi, format=path.suffix.lstrip(".") or "png")
+    finally:
+        pyplot().close(fig)
 
 
 def pyplot():
@@ -178,8 +188,7 @@ def plot_frontier(entries: list[dict[str, Any]], path: str | Path, *, title: str
     fig.tight_layout()
     place_labels(ax, points, labels, colors, avoid=[(r.get("kl", 0.0), r["reward"]) for r in refs], lines=curves)
     path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)
     return path
 
 
@@ -261,8 +270,7 @@ def plot_training_curves(runs: dict[str, str | Path], path: str | Path, *, max_r
                        title=(f"{group} runs" if group else "runs"), title_fontsize=8)
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path, dpi=100)
     return path
 
 
@@ -291,8 +299,7 @@ def plot_online(rows: list[dict[str, Any]], path: str | Path) -> Path:
     fig.suptitle("online rounds: reward against round and against KL")
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
     return path
 
 

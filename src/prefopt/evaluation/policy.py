@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -35,11 +36,12 @@ from prefopt.data.tokenize import TokenizedPair, adds_bos
 from prefopt.errors import DataError, PrefoptError
 from prefopt.evaluation.plots import frontier_entries, plot_frontier
 from prefopt.evaluation.scorers import load_scorer
-from prefopt.io import write_text_atomic
+from prefopt.io import simulate_full_disk, write_text_atomic
 from prefopt.modeling.attention import model_collator
 from prefopt.modeling.load import first_line, load_causal_lm, load_tokenizer, looks_local
 from prefopt.modeling.logprobs import pair_logps, score_pairs
 from prefopt.objectives.reference_cache import ReferenceCache, cache_key, model_fingerprint, table_from_rows
+from prefopt.training.checkpoint import write_errors
 
 
 @dataclass(frozen=True)
@@ -444,8 +446,8 @@ def run_eval(models: list[str], ref: str, *, prompts: str, scorer: str, num_samp
         if value is not None and value < 1:
             raise PrefoptError(f"{flag} must be at least 1 (leave it out for all), got {value}")
     out_dir = Path(output_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise PrefoptError(f"--output_dir {out_dir} exists and is not a directory")
+    names = result_names(models)
+    check_result_place(out_dir, [f"eval_{n}.json" for n in names] + ["frontier.png"])
     for model_path in [*models, ref]:  # every model is checked before any result is written
         check_model(model_path)
     score = load_scorer(scorer)
@@ -472,8 +474,8 @@ def run_eval(models: list[str], ref: str, *, prompts: str, scorer: str, num_samp
         if cached:
             print(f"prefopt: reference log-probs of the {len(pair_list)} pairs reused from the cache",
                   file=sys.stderr)
-    results, names = [], set()
-    for model_path in models:
+    results = []
+    for model_path, name in zip(models, names):
         info = run_config(model_path)
         model_beta = beta if beta is not None else info.get("beta")
         policy = load_causal_lm(model_path).to(device)
@@ -484,10 +486,6 @@ def run_eval(models: list[str], ref: str, *, prompts: str, scorer: str, num_samp
         result["num_prompts_total"] = total_prompts
         if pair_list is not None:
             result["num_pairs_total"] = total_pairs
-        name = Path(model_path).resolve().name
-        while name in names:
-            name += "_"
-        names.add(name)
         result = {"name": name, "model": model_path, "ref": ref, "scorer": scorer, "method": info.get("method"),
                   "beta": model_beta, "alpha": info.get("alpha"), **result}
         results.append(result)
@@ -496,13 +494,70 @@ def run_eval(models: list[str], ref: str, *, prompts: str, scorer: str, num_samp
               f"(ref {result['reward_ref']:.4f} ± {result['reward_ref_stderr']:.4f}), "
               f"KL {result['kl']:.4f} (k3 {result['kl_k3']:.4f}), win rate {result['win_rate']:.3f}{acc}",
               file=sys.stderr)
-    # Written only once every model is evaluated: a failure on the second leaves nothing half done.
-    out_dir.mkdir(parents=True, exist_ok=True)
-    written = []
-    for result in results:
-        path = out_dir / f"eval_{result['name']}.json"
-        write_text_atomic(path, json.dumps(finite_json(result), indent=2, allow_nan=False) + "\n")
-        written.append(path)
-    plot_frontier(frontier_entries(written), out_dir / "frontier.png")
+    written = write_results(out_dir, results)
     print(f"prefopt: wrote {len(written)} eval files and {out_dir / 'frontier.png'}", file=sys.stderr)
     return results
+
+
+def result_names(models: list[str]) -> list[str]:
+    """The name of each policy's result (``eval_NAME.json``): its directory's name, made unique."""
+    names: list[str] = []
+    for model_path in models:
+        name = Path(model_path).resolve().name
+        while name in names:
+            name += "_"
+        names.append(name)
+    return names
+
+
+def check_result_place(out_dir: Path, files: list[str]) -> None:
+    """Before any model runs: ``out_dir`` is (or can be made) a writable directory and no result
+    name in it is taken by a directory."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise PrefoptError(f"--output_dir {out_dir} exists and is not a directory")
+    probe = out_dir
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise PrefoptError(f"--output_dir {out_dir}: {probe} is not a directory")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise PrefoptError(f"--output_dir {out_dir} is not writable" + (f" (it would be created in {probe})"
+                                                                        if probe != out_dir else ""))
+    for name in files:
+        if (out_dir / name).is_dir() or (out_dir / name).is_symlink() and not (out_dir / name).exists():
+            raise PrefoptError(f"--output_dir {out_dir}: {name} is a directory or a broken link; move it away")
+
+
+def write_results(out_dir: Path, results: list[dict[str, Any]]) -> list[Path]:
+    """All result files and the frontier plot, or none of them: written into a staging folder
+    inside ``out_dir`` (a full disk leaves every earlier file as it was), then renamed into place; a
+    rename that fails puts back what was there before. Returns the written paths."""
+    staging = out_dir / f".tmp-eval-{os.getpid()}"
+    untouched = "no result was written (files already there are unchanged)"
+    with write_errors(out_dir, "the eval results", cleanup=staging, kept=untouched):
+        staging.mkdir(parents=True)
+        for i, result in enumerate(results, 1):
+            simulate_full_disk("eval", i)
+            path = staging / f"eval_{result['name']}.json"
+            write_text_atomic(path, json.dumps(finite_json(result), indent=2, allow_nan=False) + "\n")
+        files = [staging / f"eval_{r['name']}.json" for r in results]
+        plot_frontier(frontier_entries(files), staging / "frontier.png")
+        files.append(staging / "frontier.png")
+        backup = staging / ".before"
+        backup.mkdir()
+        moved: list[Path] = []  # installed so far, undone if a later rename fails
+        try:
+            for src in files:
+                dst = out_dir / src.name
+                if dst.exists():
+                    os.replace(dst, backup / src.name)
+                os.replace(src, dst)
+                moved.append(dst)
+        except OSError:
+            for dst in moved:
+                dst.unlink(missing_ok=True)
+            for old in backup.iterdir():
+                os.replace(old, out_dir / old.name)
+            raise
+        shutil.rmtree(staging, ignore_errors=True)
+    return [out_dir / f.name for f in files]

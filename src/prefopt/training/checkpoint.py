@@ -25,6 +25,7 @@ and restores its own partition, so a ZeRO checkpoint resumes with the process co
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -34,6 +35,7 @@ import shutil
 import signal
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -43,15 +45,14 @@ from safetensors.torch import load_file
 
 from prefopt.digest import ALGORITHM, file_digest
 from prefopt.errors import PrefoptError
-from prefopt.io import write_text_atomic
-from prefopt.training.distributed import engine_of
+from prefopt.io import simulate_full_disk, write_text_atomic
+from prefopt.training.distributed import engine_of, together
 
 STATE_FILE = "training_state.pt"
 MANIFEST = "checkpoint.json"
 TMP_PREFIX = ".tmp-"
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 KILL_ENV = "PREFOPT_TEST_KILL"
-FAIL_ENV = "PREFOPT_TEST_ENOSPC"
 
 
 # ------------------------------------------------------------------------------------------ discovery
@@ -244,24 +245,30 @@ def save(trainer) -> Path:
     """Write ``checkpoint-STEP/`` for ``trainer`` atomically; every process writes its RNG state,
     the main process the rest. Then keep only the newest ``save_total_limit`` checkpoints. A full
     disk (or another write error) removes the partial checkpoint and stops the run with one line
-    naming the device and the last intact checkpoint."""
+    naming the device and the last intact checkpoint; with several processes the outcome is settled
+    after each part (``distributed.together``), so a failure on one process stops all of them."""
     acc, step = trainer.accelerator, trainer.step
     final_dir = trainer.output_dir / f"checkpoint-{step}"
     tmp_dir = trainer.output_dir / f"{TMP_PREFIX}checkpoint-{step}"
     run_dir = getattr(trainer, "run_dir", None)
+    what = f"checkpoint-{step}"
     acc.wait_for_everyone()
-    try:
+    with together(acc), write_errors(trainer.output_dir, what, cleanup=tmp_dir):
         if acc.is_main_process:
             if run_dir is not None:
                 run_dir.wrote(tmp_dir.name, final_dir.name)  # recorded before they exist
             shutil.rmtree(tmp_dir, ignore_errors=True)
             tmp_dir.mkdir(parents=True)
-        acc.wait_for_everyone()
+    with together(acc), write_errors(trainer.output_dir, what, cleanup=tmp_dir):
         torch.save(rng_state(), tmp_dir / f"rng_state_{acc.process_index}.pt")
-        state_dict = trainer.gather_model_state()  # a collective under FSDP / ZeRO-3: every process calls it
-        optimizer_state = trainer.gather_optimizer_state()  # a collective under FSDP2 (None: not sharded)
-        trainer.save_engine_state(tmp_dir)  # a collective under DeepSpeed: every process writes its partition
-        acc.wait_for_everyone()
+    state_dict = trainer.gather_model_state()  # a collective under FSDP / ZeRO-3: every process calls it
+    optimizer_state = trainer.gather_optimizer_state()  # a collective under FSDP2 (None: not sharded)
+    # Under DeepSpeed every process writes its ZeRO partition. DeepSpeed's save_checkpoint holds
+    # collectives of its own, so it cannot sit in a `together` block: a process whose write fails says so
+    # in one line and exits, and the launcher ends the others waiting in DeepSpeed's barrier.
+    with write_errors(trainer.output_dir, what, cleanup=tmp_dir):
+        trainer.save_engine_state(tmp_dir)
+    with together(acc), write_errors(trainer.output_dir, what, cleanup=tmp_dir):
         if acc.is_main_process:
             trainer.save_model(tmp_dir, state_dict)
             torch.save(trainer.state_dict(optimizer_state), tmp_dir / STATE_FILE)
@@ -272,16 +279,28 @@ def save(trainer) -> Path:
             prune_checkpoints(trainer.output_dir, trainer.cfg.save_total_limit)
             if run_dir is not None:
                 run_dir.commit()  # the new run has a checkpoint: an earlier run moved aside can go
+    return final_dir
+
+
+@contextlib.contextmanager
+def write_errors(output_dir: Path, what: str, *, cleanup: Path | None = None, kept: str | None = None
+                 ) -> Iterator[None]:
+    """A failed write of ``what`` in ``output_dir`` becomes one line (``write_failure``: the mount
+    point on a full disk, the last intact checkpoint or ``kept``); ``cleanup`` (a partial
+    directory) is removed. Other errors pass unchanged."""
+    try:
+        yield
+    except PrefoptError:
+        raise
     except Exception as e:
         # torch.save reports a full disk as a RuntimeError ("file write failed"): judge by the free
-        # space, measured before the partial checkpoint is removed (which frees it again).
-        full = isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT) or disk_nearly_full(trainer.output_dir)
-        shutil.rmtree(tmp_dir, ignore_errors=True)
+        # space, measured before the partial files are removed (which frees it again).
+        full = isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT) or disk_nearly_full(output_dir)
+        if cleanup is not None:
+            shutil.rmtree(cleanup, ignore_errors=True)
         if full or isinstance(e, OSError):
-            raise PrefoptError(write_failure(e, trainer.output_dir, f"checkpoint-{step}", full=full)) from None
+            raise PrefoptError(write_failure(e, output_dir, what, full=full, kept=kept)) from None
         raise
-    acc.wait_for_everyone()
-    return final_dir
 
 
 def disk_nearly_full(path: Path, margin: int = 16 << 20) -> bool:
@@ -291,11 +310,14 @@ def disk_nearly_full(path: Path, margin: int = 16 << 20) -> bool:
         return False
 
 
-def write_failure(e: Exception, output_dir: Path, what: str, *, full: bool | None = None) -> str:
-    """One line for a failed write: the device (mount point) and the last intact checkpoint."""
-    last = latest_intact_checkpoint(output_dir, warn=False)
-    kept = (f"the last intact checkpoint is {last} (resume with --resume)" if last is not None
-            else "no checkpoint was written yet")
+def write_failure(e: Exception, output_dir: Path, what: str, *, full: bool | None = None,
+                  kept: str | None = None) -> str:
+    """One line for a failed write: the device (mount point) and the last intact checkpoint (or
+    ``kept``: what is safe instead, e.g. the final model when only its card failed)."""
+    if kept is None:
+        last = latest_intact_checkpoint(output_dir, warn=False)
+        kept = (f"the last intact checkpoint is {last} (resume with --resume)" if last is not None
+                else "no checkpoint was written yet")
     if full is None:
         full = isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
     if full:
@@ -320,12 +342,11 @@ def test_hook(point: str, step: int) -> None:
     """Crash tests only: ``PREFOPT_TEST_KILL=step:K`` kills this process with SIGKILL after step K,
     ``save:K`` in the middle of writing checkpoint K, ``online-sample:N`` / ``online-score:N`` in
     round N of ``prefopt online`` before that stage's files are written; ``PREFOPT_TEST_ENOSPC=save:K``
-    makes that write fail as on a full disk; ``term:K`` (``int:K``) sends SIGTERM (SIGINT) after step K
+    makes that write fail as on a full disk (``io.simulate_full_disk`` lists the other writes); ``term:K`` (``int:K``) sends SIGTERM (SIGINT) after step K
     (``term:K@R``: only the process of rank R); ``pause:K`` waits after step K until a signal
     arrives. Never set in normal use."""
     value = os.environ.get(KILL_ENV)
-    if os.environ.get(FAIL_ENV) == f"{point}:{step}":
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    simulate_full_disk(point, step)
     if not value:
         return
     if value == f"{point}:{step}":
@@ -442,10 +463,10 @@ def restore(trainer, directory: str | Path) -> int:
     if saved_procs != acc.num_processes and acc.is_main_process:
         print(f"prefopt: warning: {directory} was written by {saved_procs} processes, resuming with "
               f"{acc.num_processes}: the data order differs from the interrupted run", file=sys.stderr)
-    if acc.is_main_process:
-        run_dir = getattr(trainer, "run_dir", None)
-        clean_temporaries(trainer.output_dir, run_dir.record.owns if run_dir is not None else None)
-        keep_metrics_until(directory.parent / "metrics.jsonl", trainer.output_dir / "metrics.jsonl", trainer.step)
-        trainer.logger.purge_after(trainer.step)
-    acc.wait_for_everyone()
+    with together(acc), write_errors(trainer.output_dir, "metrics.jsonl"):
+        if acc.is_main_process:
+            run_dir = getattr(trainer, "run_dir", None)
+            clean_temporaries(trainer.output_dir, run_dir.record.owns if run_dir is not None else None)
+            keep_metrics_until(directory.parent / "metrics.jsonl", trainer.output_dir / "metrics.jsonl", trainer.step)
+            trainer.logger.purge_after(trainer.step)
     return trainer.step

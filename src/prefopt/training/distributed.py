@@ -1,6 +1,7 @@
 """Scale-out plumbing around Accelerate: the Accelerator a config asks for, a check that the engine
 the launcher requested (DDP, FSDP2, DeepSpeed) is the one actually running, and placing the frozen
-reference model correctly for each engine.
+reference model correctly for each engine, and failing together: a failure on one process is settled
+on all of them (``together``), so none waits forever for a process that has gone.
 
 The training loop itself (trainer.py) shards the data and scales the loss; nothing here changes the
 mathematics, only where tensors live.
@@ -8,16 +9,18 @@ mathematics, only where tensors live.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import sys
+from collections.abc import Iterator
 
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState, PartialState
 from accelerate.utils import DistributedType
 
-from prefopt.errors import ConfigError
+from prefopt.errors import ConfigError, PrefoptError, SharedFailure
 from prefopt.modeling.peft import quantization_config
 
 # What `accelerate launch --config_file X.yaml` puts in the environment of every process.
@@ -232,3 +235,79 @@ def _deepspeed_frozen(model: torch.nn.Module, accelerator) -> torch.nn.Module:
     engine, *_ = deepspeed.initialize(model=model, config=config)
     engine.eval()
     return engine
+
+
+# ------------------------------------------------------------------------------------------ failing together
+def _describe(error: BaseException, rank: int) -> str:
+    if isinstance(error, PrefoptError):
+        return str(error)
+    text = str(error).strip().splitlines()
+    return f"process {rank} failed: {type(error).__name__}" + (f": {text[0]}" if text else "")
+
+
+def settle(accelerator, error: Exception | None) -> None:
+    """Every process learns whether any of them failed, and then all raise: the main process its own
+    error (or the first other process's, as a ``PrefoptError``), the others ``SharedFailure``, which
+    the CLI does not print. So one line is printed, every process exits with the same status, and
+    none is left waiting in a collective for a process that has gone. One flag all-reduce when all
+    went well; the messages are gathered only after a failure."""
+    if accelerator is None or accelerator.num_processes == 1:
+        if error is not None:
+            raise error
+        return
+    import torch.distributed as dist
+
+    flag = torch.tensor([0.0 if error is None else 1.0], device=accelerator.device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    if not flag.item():
+        return
+    messages: list = [None] * accelerator.num_processes
+    dist.all_gather_object(messages, None if error is None else _describe(error, accelerator.process_index))
+    first = next(m for m in messages if m is not None)
+    if not accelerator.is_main_process:
+        raised = SharedFailure(first)
+    else:
+        raised = error if error is not None else PrefoptError(first)
+    raised.settled = True  # every process raises now: exit_together may wait for all of them
+    raise raised from (error if raised is not error else None)
+
+
+def exit_together(error: BaseException, code: int) -> None:
+    """After a failure ``settle`` shared among several processes, once this process has said what it
+    has to say: wait (a minute at most) until every process is here, then all leave at once,
+    without interpreter teardown. A launcher (torchrun) ends the processes still running when the
+    first one exits, which would record SIGTERM for them instead of ``code``; leaving together (and
+    answering a SIGTERM now with ``code``) makes every process's status ``code``. Nothing to do
+    for a failure that was not settled."""
+    if not getattr(error, "settled", False):
+        return
+    import datetime
+    import signal
+
+    import torch.distributed as dist
+
+    signal.signal(signal.SIGTERM, lambda *_: os._exit(code))
+    try:
+        if dist.is_initialized():
+            if dist.get_backend() == "gloo":
+                dist.monitored_barrier(timeout=datetime.timedelta(seconds=60))
+            else:
+                dist.barrier()
+    except Exception:  # noqa: BLE001 - a process that is already gone: leave anyway
+        pass
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+@contextlib.contextmanager
+def together(accelerator) -> Iterator[None]:
+    """Run a block that may fail on some processes only (a write on the main process, a file lock,
+    a check of the file system) and settle the outcome on all of them (``settle``). The block must
+    contain no collective of its own."""
+    error = None
+    try:
+        yield
+    except Exception as e:  # noqa: BLE001 - every failure is settled, and re-raised on this process
+        error = e
+    settle(accelerator, error)

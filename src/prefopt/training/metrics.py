@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from prefopt.errors import ConfigError, PrefoptError
+from prefopt.io import FULL_DISK_ENV, simulate_full_disk
 
 # The pip package that provides each tracker (the import name differs for some).
 TRACKER_PACKAGES = {
@@ -139,8 +140,7 @@ class MetricsLogger:
         if not self.enabled:
             return
         clean = {k: _json_number(v) for k, v in row.items()}
-        with self.path.open("a", encoding="utf-8") as fh:
-            fh.write(json.dumps(clean) + "\n")
+        append_line(self.path, json.dumps(clean) + "\n", step=int(row.get("step", 0)))
         if self.trackers:
             step = int(row.get("step", 0))
             # The same names as metrics.jsonl; a null (non-finite) value is left out.
@@ -164,6 +164,31 @@ class MetricsLogger:
         for tracker in self.trackers:
             tracker.finish()
         self.trackers = []
+
+
+def append_line(path: Path, line: str, *, step: int | None = None) -> None:
+    """Append one whole line or nothing: a failed write (a full disk) cuts the file back to its
+    earlier rows, so no half-written line is left for a resumed run to trip over. Unbuffered, so
+    nothing is left in a buffer to be flushed (and fail again) later."""
+    data = line.encode("utf-8")
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        size = os.fstat(fd).st_size
+        try:
+            if os.environ.get(FULL_DISK_ENV) == f"metrics:{step}":
+                os.write(fd, data[: len(data) // 2])  # tests: half the line lands, as on a disk that fills up
+            simulate_full_disk("metrics", step)
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+        except OSError:
+            try:
+                os.ftruncate(fd, size)
+            except OSError:  # pragma: no cover - cannot even shrink it: a resume drops a torn last line
+                pass
+            raise
+    finally:
+        os.close(fd)
 
 
 def _json_number(value: Any) -> Any:

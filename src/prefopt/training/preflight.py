@@ -29,6 +29,7 @@ from prefopt.training.checkpoint import (
     verify,
 )
 from prefopt.training.run_dir import (
+    BOOKKEEPING,
     PATH_KEYS,
     RunRecord,
     check_location,
@@ -37,7 +38,7 @@ from prefopt.training.run_dir import (
     contents,
     may_write,
 )
-from prefopt.training.run_lock import RunLockedError, describe_holder, lock_holder
+from prefopt.training.run_lock import RunLockedError, describe_holder, linked_bookkeeping, lock_holder
 
 # Keys that may change between an interrupted run and its resumption without changing the result.
 RESUME_FREE_KEYS = {
@@ -84,6 +85,9 @@ def check_output_place(cfg, keys: tuple[str, ...] = PATH_KEYS) -> Path:
     if out.exists() and not out.is_dir():
         raise ConfigError(f"output_dir {out} exists and is not a directory")
     check_writable(out)
+    for name in BOOKKEEPING:  # the lock is truncated and written, the record trusted: never a link
+        if (out / name).is_symlink():
+            raise ConfigError(linked_bookkeeping(out / name))
     check_not_in_use(out)
     return out
 

@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 from prefopt.errors import ConfigError
-from prefopt.io import write_text_atomic
+from prefopt.io import simulate_full_disk, write_text_atomic
 from prefopt.training.run_lock import LOCK_FILE
 
 RECORD_FILE = ".prefopt-run.json"
@@ -77,6 +77,12 @@ def check_location(cfg, keys: tuple[str, ...] = PATH_KEYS) -> None:
             relation = "is" if out == place else "contains"
             raise ConfigError(f"output_dir {cfg.output_dir} {relation} {what} ({place}); a run writes and, on "
                               "--overwrite_output_dir, deletes there: choose a directory of its own")
+    _apart_from_inputs(cfg, "output_dir", out, keys)
+    if getattr(cfg, "logging_dir", None):  # the trackers' files go there: not into a model or the data either
+        _apart_from_inputs(cfg, "logging_dir", _resolved(cfg.logging_dir), keys)
+
+
+def _apart_from_inputs(cfg, name: str, out: Path, keys: tuple[str, ...]) -> None:
     for key in keys:
         value = getattr(cfg, key, None)
         if not isinstance(value, str | os.PathLike) or not value or not Path(value).expanduser().exists():
@@ -90,8 +96,8 @@ def check_location(cfg, keys: tuple[str, ...] = PATH_KEYS) -> None:
             relation = "contains"
         else:
             continue
-        raise ConfigError(f"output_dir {cfg.output_dir} {relation} {key} {value}; a run there could overwrite or "
-                          "delete it: choose another output_dir")
+        raise ConfigError(f"{name} {getattr(cfg, name)} {relation} {key} {value}; a run there could overwrite or "
+                          f"delete it: choose another {name}")
 
 
 def writable(path: Path) -> bool:
@@ -139,6 +145,7 @@ class RunRecord:
                               "output_dir") from None
 
     def write(self) -> None:
+        simulate_full_disk("record", len(self.entries))
         write_text_atomic(self.out / RECORD_FILE, json.dumps(
             {"prefopt_run": 1, "entries": sorted(self.entries), "aside": self.aside}, indent=1) + "\n")
 

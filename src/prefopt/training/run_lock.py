@@ -4,7 +4,7 @@ The kernel drops a ``flock`` when its process ends in any way (SIGKILL and power
 process included), so a lock can never outlive its run; a lock *file* left by a dead run is stale by
 construction and is taken over (with a note naming the dead process). The file holds the holder's
 pid, host and command, which is what a refused second run names. Only the main process of a
-multi-process run takes it (``run_dir.open_run_directory`` tells the other processes the outcome).
+multi-process run takes it (``recipes.start_output_dir`` settles the outcome on every process).
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ def lock_holder(directory: str | Path) -> dict | None:
     if fcntl is None or not path.is_file():
         return None
     try:
-        fd = os.open(path, os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
     except OSError:
         return None
     try:
@@ -64,6 +64,11 @@ def lock_holder(directory: str | Path) -> dict | None:
         os.close(fd)
 
 
+def linked_bookkeeping(path: Path) -> str:
+    return (f"output_dir {path.parent}: {path.name} is a symbolic link (to {os.readlink(path)}); prefopt writes "
+            "this file itself and never through a link: remove the link or choose another output_dir")
+
+
 class RunLock:
     """The held lock of one run. ``acquire`` raises ``RunLockedError`` naming the holder."""
 
@@ -74,7 +79,13 @@ class RunLock:
     def acquire(self) -> RunLock:
         if fcntl is None:  # pragma: no cover
             return self
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            # Never through a link: the file is truncated and written, which would hit the link's target.
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+        except OSError as e:
+            if self.path.is_symlink():
+                raise PrefoptError(linked_bookkeeping(self.path)) from None
+            raise e
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

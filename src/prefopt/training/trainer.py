@@ -32,12 +32,13 @@ from tqdm.auto import tqdm
 from prefopt.data.collate import to_device
 from prefopt.data.fingerprint import pairs_fingerprint
 from prefopt.errors import PrefoptError, RunInterrupted
+from prefopt.io import simulate_full_disk
 from prefopt.memory import transient_heap
 from prefopt.modeling.lm_head import accumulate_tied_grad_in_place
-from prefopt.training.checkpoint import TMP_PREFIX, fsync_tree, test_hook
+from prefopt.training.checkpoint import TMP_PREFIX, fsync_tree, test_hook, write_errors
 from prefopt.training.checkpoint import save as save_checkpoint
 from prefopt.training.data_order import Schedule
-from prefopt.training.distributed import engine_of, is_sharded
+from prefopt.training.distributed import engine_of, is_sharded, together
 from prefopt.training.guard import StepHealth, check_step
 from prefopt.training.metrics import MetricsLogger
 from prefopt.training.optim import build_optimizer, build_scheduler
@@ -236,7 +237,8 @@ class Trainer:
     def _train(self) -> dict[str, float]:
         cfg, acc = self.cfg, self.accelerator
         began = time.perf_counter()
-        self.logger.start(cfg.to_dict() if hasattr(cfg, "to_dict") else None)
+        with together(acc):  # a tracker that cannot start (main process only) stops every process
+            self.logger.start(cfg.to_dict() if hasattr(cfg, "to_dict") else None)
         bar = tqdm(
             total=self.total_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True,
             disable=not (acc.is_main_process and cfg.progress_bar),
@@ -264,7 +266,7 @@ class Trainer:
                     row["pairs_per_second"] = total_pairs / elapsed
                 if cfg.on_nonfinite == "skip":
                     row["skipped_steps"] = self.skipped_steps
-                self.logger.log(row)
+                self.log_row(row)
                 last_row = row
                 bar.set_postfix(loss=f"{row.get('loss', float('nan')):.4f}", acc=f"{row.get('rewards/accuracies', row.get('accuracy', float('nan'))):.2f}")
                 window.update(sums=defaultdict(float), pairs=0, tokens=0)
@@ -315,6 +317,12 @@ class Trainer:
                              f"{checkpoint} written; resume by running the same command with --resume",
                              int(self.stop.signum))
 
+    def log_row(self, row: dict[str, Any]) -> None:
+        """One row to metrics.jsonl and the trackers (main process). A failed write is one line naming
+        the device and the last intact checkpoint, on every process alike; the rows before it stay."""
+        with together(self.accelerator), write_errors(self.output_dir, "metrics.jsonl"):
+            self.logger.log(row)
+
     def log_eval(self) -> dict[str, float]:
         began = time.perf_counter()
         row = self.evaluate()
@@ -322,7 +330,7 @@ class Trainer:
             row["eval/runtime"] = time.perf_counter() - began
             row["eval/pairs"] = len(self.eval_data)
         if row:
-            self.logger.log({"step": self.step, **row})
+            self.log_row({"step": self.step, **row})
         return row
 
     # ------------------------------------------------------------------ state and saving
@@ -457,22 +465,23 @@ class Trainer:
         acc = self.accelerator
         acc.wait_for_everyone()
         state_dict = self.gather_model_state()
-        if acc.is_main_process:
-            # Written whole into a staging folder, flushed, then each file renamed into place: like a
-            # checkpoint, a model file at the top of output_dir is never half written.
-            staging = self.output_dir / f"{TMP_PREFIX}final-model"
-            if self.run_dir is not None:
-                self.run_dir.wrote(staging.name)
-            shutil.rmtree(staging, ignore_errors=True)
-            staging.mkdir(parents=True)
-            self.save_model(staging, state_dict)
-            fsync_tree(staging)
-            if self.run_dir is not None:
-                self.run_dir.install_model(staging)
-                self.run_dir.commit()
-            else:
-                move_files(staging, self.output_dir)
-        acc.wait_for_everyone()
+        # Written whole into a staging folder, flushed, then each file renamed into place: like a
+        # checkpoint, a model file at the top of output_dir is never half written.
+        staging = self.output_dir / f"{TMP_PREFIX}final-model"
+        with together(acc), write_errors(self.output_dir, "the final model", cleanup=staging):
+            if acc.is_main_process:
+                if self.run_dir is not None:
+                    self.run_dir.wrote(staging.name)
+                shutil.rmtree(staging, ignore_errors=True)
+                staging.mkdir(parents=True)
+                self.save_model(staging, state_dict)
+                simulate_full_disk("final")
+                fsync_tree(staging)
+                if self.run_dir is not None:
+                    self.run_dir.install_model(staging)
+                    self.run_dir.commit()
+                else:
+                    move_files(staging, self.output_dir)
 
 
 def _tied_twin(model: torch.nn.Module, name: str) -> str | None:
