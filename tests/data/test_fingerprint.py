@@ -5,7 +5,15 @@ from __future__ import annotations
 import hashlib
 import struct
 
-from prefopt.data.fingerprint import pairs_fingerprint
+from prefopt.data.fingerprint import (
+    COLUMNS_PREFIX,
+    ColumnsFingerprint,
+    columns_fingerprint,
+    data_fingerprint,
+    pairs_fingerprint,
+    same_data,
+)
+from prefopt.data.store import encode_pairs
 from prefopt.data.tokenize import TokenizedPair
 from prefopt.digest import CHUNK, bytes_digest, file_digest
 
@@ -37,7 +45,15 @@ def test_fingerprint_matches_the_byte_layout_computed_by_hand():
 def test_fingerprint_sees_every_change_training_would_see():
     base = [tp([2, 5], [7, 3], [9, 3], 0.9, 0.1, 0), tp([2, 8], [6, 3], [4, 3], 0.5, 0.2, 1)]
     fp = pairs_fingerprint(base)
-    variants = {
+    for what, pairs in variants_of(base).items():
+        assert pairs_fingerprint(pairs) != fp, what
+    # The reference cache leaves scores out: its key must not change with them.
+    assert pairs_fingerprint(variants_of(base)["a score"], scores=False) == pairs_fingerprint(base, scores=False)
+    assert pairs_fingerprint([tp(*(list(x) for x in ([2, 5], [7, 3], [9, 3])), 0.9, 0.1, 0), base[1]]) == fp
+
+
+def variants_of(base):
+    return {
         "a token": [tp([2, 5], [7, 3], [9, 3], 0.9, 0.1, 0), tp([2, 8], [6, 3], [5, 3], 0.5, 0.2, 1)],
         "a token moved from prompt to response": [tp([2], [5, 7, 3], [9, 3], 0.9, 0.1, 0), base[1]],
         "a score": [tp([2, 5], [7, 3], [9, 3], 0.9, 0.2, 0), base[1]],
@@ -45,12 +61,32 @@ def test_fingerprint_sees_every_change_training_would_see():
         "the order": [base[1], base[0]],
         "a pair fewer": base[:1],
         "the pair index": [base[0], tp([2, 8], [6, 3], [4, 3], 0.5, 0.2, 2)],
+        "a score of 0 for none": [tp([2, 5], [7, 3], [9, 3], 0.0, 0.0, 0), base[1]],
     }
-    for what, pairs in variants.items():
-        assert pairs_fingerprint(pairs) != fp, what
-    # The reference cache leaves scores out: its key must not change with them.
-    assert pairs_fingerprint(variants["a score"], scores=False) == pairs_fingerprint(base, scores=False)
-    assert pairs_fingerprint([tp(*(list(x) for x in ([2, 5], [7, 3], [9, 3])), 0.9, 0.1, 0), base[1]]) == fp
+
+
+def test_columns_fingerprint_sees_every_change_and_not_how_the_pairs_were_chunked():
+    base = [tp([2, 5], [7, 3], [9, 3], 0.9, 0.1, 0), tp([2, 8], [6, 3], [4, 3], 0.5, 0.2, 1),
+            tp([1], [6, 6, 3], [3], None, None, 2)]
+    fp = columns_fingerprint(base)
+    for chunk in (1, 2, 3):  # a store's build feeds it one chunk of columns at a time
+        assert columns_fingerprint(base, chunk=chunk) == fp
+    by_parts = ColumnsFingerprint()
+    by_parts.update(encode_pairs(base[:1]))
+    by_parts.update(encode_pairs(base[1:]))
+    assert by_parts.hexdigest() == fp and by_parts.count == 3
+    for what, pairs in variants_of(base[:2]).items():
+        assert columns_fingerprint([*pairs, base[2]]) != fp, what
+    assert columns_fingerprint(base[:2]) != fp  # a pair fewer at the end
+    assert data_fingerprint(base) == COLUMNS_PREFIX + fp
+
+
+def test_same_data_reads_both_kinds_of_recorded_fingerprint():
+    base = [tp([2, 5], [7, 3], [9, 3], 0.9, 0.1, 0), tp([2, 8], [6, 3], [4, 3], 0.5, 0.2, 1)]
+    other = variants_of(base)["a token"]
+    assert same_data(data_fingerprint(base), base) and not same_data(data_fingerprint(base), other)
+    # A checkpoint written before the columns fingerprint recorded pairs_fingerprint: still honoured.
+    assert same_data(pairs_fingerprint(base), base) and not same_data(pairs_fingerprint(base), other)
 
 
 def test_file_digest_is_the_sha256_of_the_bytes_across_chunks(tmp_path):

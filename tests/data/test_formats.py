@@ -205,3 +205,35 @@ def test_max_completion_length_and_keep_start_truncation():
     assert out[0].chosen_ids == ids(["x", "y"])  # 4 words + EOS cut to 2, though max_length has room
     assert out[0].rejected_ids == ids(["z"]) + [tok.eos_token_id]
     assert stats.prompt_truncated == 1 and stats.completion_truncated == 1
+
+
+def test_each_distinct_text_is_tokenized_once_with_the_ids_of_tokenizing_each_alone(monkeypatch):
+    import prefopt.data.tokenize as tokenize
+
+    tok = word_tokenizer(["a", "b", "c", "x", "y", "z"])
+    pairs = [PreferencePair("a b", "x", "y z"), PreferencePair("a b", "y z", "x"),  # a prompt and responses again
+             PreferencePair("c", "a b", "x y"), PreferencePair("a b", "x", "z")]  # a prompt's text as a response
+    sent = []
+    real = tokenize.encode_texts
+    monkeypatch.setattr(tokenize, "encode_texts", lambda t, texts: sent.append(list(texts)) or real(t, texts))
+    out, _ = tokenize_pairs(pairs, tok, max_length=64)
+    assert sent == [["a b", "c", "x", "y z", "x y", "z"]]  # prompts, then chosen, then rejected texts, once each
+    alone = lambda text: tok(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    for p, t in zip(pairs, out):
+        assert t.prompt_ids == [tok.bos_token_id, *alone(p.prompt)]
+        assert t.chosen_ids == [*alone(p.chosen), tok.eos_token_id]
+        assert t.rejected_ids == [*alone(p.rejected), tok.eos_token_id]
+    assert out[0].prompt_ids is not out[1].prompt_ids  # no list shared between pairs
+    chosen = [t.chosen_ids for t in out]
+    assert len({id(x) for x in chosen}) == len(chosen)
+
+
+def test_the_direct_rust_path_gives_the_ids_of_the_transformers_call():
+    from prefopt.data.tokenize import _backend_encoder, encode_texts
+
+    tok = word_tokenizer(["a", "b", "c"])
+    texts = ["a b c", "c a", "", "b <unk> a", "a" * 3]
+    assert _backend_encoder(tok) is not None  # the fast path is the one taken
+    assert encode_texts(tok, texts) == tok(texts, add_special_tokens=False)["input_ids"]
+    tok.backend_tokenizer.enable_truncation(2)  # state the transformers call would switch off: not direct
+    assert _backend_encoder(tok) is None

@@ -17,6 +17,7 @@ import pytest
 
 import prefopt.data.prepare as prep
 from prefopt.config import TrainConfig
+from prefopt.data.fingerprint import COLUMNS_PREFIX, columns_fingerprint, data_fingerprint, same_data
 from prefopt.data.formats import Columns, load_pairs
 from prefopt.data.layouts import choose_layout, estimate_costs
 from prefopt.data.prepare import apply_score_policy, prepare_dataset
@@ -148,6 +149,28 @@ def test_store_gives_exactly_the_pairs_of_the_in_memory_path(fmt, suffix, settin
     again, summary2 = prepare_dataset(cfg, str(path), "train", tok)
     assert summary2["store"] == {**summary["store"], "cache": "hit"}
     assert list(again) == expected and summary2 == {**summary, "store": summary2["store"]}
+    # The resume check's fingerprint, computed during the build in chunks, is that of the pairs.
+    assert store.content_fingerprint == again.content_fingerprint == columns_fingerprint(expected)
+
+
+def test_the_data_fingerprint_of_a_store_reads_no_pair(tmp_path, small_chunks, monkeypatch):
+    path = write_rows(tmp_path / "d.jsonl", rows_for("explicit"))
+    store, _ = prepare_dataset(cfg_for(tmp_path), str(path), "train", tokenizer())
+    pairs = list(store)
+    expected = COLUMNS_PREFIX + columns_fingerprint(pairs)
+
+    def no_reading(self, i):
+        raise AssertionError("the fingerprint of a store must not read its pairs")
+
+    monkeypatch.setattr(PairStore, "_pair", no_reading)
+    assert data_fingerprint(store) == expected and same_data(expected, store)
+    changed = [pairs[0], *pairs[2:]]
+    assert not same_data(data_fingerprint(changed), store)
+    monkeypatch.undo()
+    # Indices shifted (eval pairs beside training pairs): other data, computed from the pairs.
+    shifted = store.with_index_offset(5)
+    assert shifted.content_fingerprint is None and data_fingerprint(shifted) != expected
+    assert data_fingerprint(shifted) == data_fingerprint(list(shifted))
 
 
 def test_settings_that_exercise_truncation_and_drops_do(tmp_path, small_chunks):

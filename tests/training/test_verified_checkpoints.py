@@ -69,7 +69,8 @@ def test_manifest_records_the_sha256_of_every_file(uninterrupted):
     assert sorted(manifest["checksums"]) == files and "model.safetensors" in files and "training_state.pt" in files
     for name in files:  # an independent hash of each file's bytes
         assert manifest["checksums"][name] == hashlib.sha256((ckpt / name).read_bytes()).hexdigest(), name
-    assert manifest["data_fingerprint"] and len(manifest["data_fingerprint"]) == 64
+    # The training store's columns fingerprint, known from its build (tests/data/test_store.py).
+    assert manifest["data_fingerprint"].startswith("columns-v1:") and len(manifest["data_fingerprint"]) == 75
     assert verify(ckpt) is None
 
 

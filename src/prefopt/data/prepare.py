@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from prefopt.data.fingerprint import ColumnsFingerprint
 from prefopt.data.formats import FORMATS, Columns, LoadStats, check_some_pairs, convert_rows, detect_format
 from prefopt.data.records import PreferencePair
 from prefopt.data.sources import IN_MEMORY, RawRows, iter_row_chunks
@@ -128,7 +129,8 @@ def prepare_dataset(cfg, spec, split: str, tokenizer, *, score_policy: bool = Tr
         key, cache = None, "off"
     # The store may have been built from a copy of the file elsewhere: name the file of this run.
     summary = {**manifest["summary"], "source": source, "store": {"cache": cache, "path": str(directory)}}
-    store = PairStore.open(directory, source=source, row_label=manifest["row_label"], fingerprint=key)
+    store = PairStore.open(directory, source=source, row_label=manifest["row_label"], fingerprint=key,
+                           content=manifest.get("content"))
     return store, summary
 
 
@@ -148,6 +150,7 @@ def _build(cfg, spec, split: str, tokenizer, score_policy: bool, directory: Path
         chunks = iter([RawRows(first.source, first.row_label, [r for c in chunks for r in c.rows])])
     worker = _ChunkWorker(cfg, tokenizer, fmt, columns, score_policy)
     load, tok, nonpositive = LoadStats(first.source, fmt), TokenizeStats(), 0
+    content = ColumnsFingerprint()  # the resume check's fingerprint, while the pairs pass by
     progress = tqdm(desc="tokenizing", unit=" rows", disable=None if cfg.progress_bar else True,
                     dynamic_ncols=True, leave=False)
 
@@ -165,6 +168,7 @@ def _build(cfg, spec, split: str, tokenizer, score_policy: bool, directory: Path
             tok.dropped.update(tok_part.dropped)
             progress.update(rows_in)
             if len(encoded["index"]):
+                content.update(encoded)
                 yield record_batch(encoded)
 
     try:
@@ -183,7 +187,7 @@ def _build(cfg, spec, split: str, tokenizer, score_policy: bool, directory: Path
     summary = {**load.as_dict(), "nonpositive_score_diff": nonpositive,
                "nonpositive_policy": cfg.nonpositive_score_diff if nonpositive else None,
                "tokenization": tok.as_dict()}
-    return num_pairs, {"summary": summary, "row_label": first.row_label}
+    return num_pairs, {"summary": summary, "row_label": first.row_label, "content": content.hexdigest()}
 
 
 class _ChunkWorker:

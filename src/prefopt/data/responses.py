@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from prefopt.data.tokenize import SpecialTokens, cut_prompt
+from prefopt.data.tokenize import SpecialTokens, cut_prompt, encode_texts
 
 
 @dataclass(frozen=True)
@@ -41,9 +41,8 @@ def tokenize_responses(
     stats = ResponseTokenStats(items=len(items))
     if not items:
         return [], stats
-    encode = lambda texts: tokenizer(texts, add_special_tokens=False)["input_ids"]  # noqa: E731
-    prompts = encode([it.prompt for it in items])
-    responses = encode([it.response for it in items])
+    prompts = encode_texts(tokenizer, [it.prompt for it in items])
+    responses = encode_texts(tokenizer, [it.response for it in items])
     special = SpecialTokens(tokenizer)
     out = []
     for item, prompt, response in zip(items, prompts, responses):

@@ -22,6 +22,7 @@ on, not the dataset.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
@@ -163,31 +164,42 @@ class PairStore(Sequence):
     counts as arrays without building a single pair."""
 
     def __init__(self, table: pa.Table, *, source: str, row_label: str = "row", fingerprint: str | None = None,
-                 path: Path | None = None, index_offset: int = 0):
+                 path: Path | None = None, index_offset: int = 0, content: str | None = None):
         self.table, self.source, self.row_label = table, source, row_label
         self.fingerprint, self.path, self.index_offset = fingerprint, path, index_offset
+        self._content = content
         self._chunks = []  # per record batch: ({column: (offsets, values)}, first pair)
         starts = [0]
-        for batch in table.to_batches():
+        batches = table.to_batches()
+        for batch in batches:
             cols = {}
             for name in ID_COLUMNS:
                 arr = batch.column(name)
-                cols[name] = (arr.offsets.to_numpy(), arr.values.to_numpy())
+                cols[name] = (_numpy(arr.offsets), _numpy(arr.values))
             self._chunks.append(cols)
             starts.append(starts[-1] + batch.num_rows)
         self._starts = np.asarray(starts, dtype=np.int64)
-        self._scores = tuple(
-            table.column(c).to_numpy().astype(np.float64) if table.num_rows else np.zeros(0)
-            for c in ("score_chosen", "score_rejected")
-        )
-        self._index = table.column("index").to_numpy() if table.num_rows else np.zeros(0, dtype=np.int64)
-        self._row = table.column("row").to_numpy() if table.num_rows else np.zeros(0, dtype=np.int64)
+
+        def column(name: str, dtype) -> np.ndarray:
+            parts = [_numpy(b.column(name)) for b in batches]
+            return np.concatenate(parts).astype(dtype, copy=False) if parts else np.zeros(0, dtype=dtype)
+
+        self._scores = (column("score_chosen", np.float64), column("score_rejected", np.float64))
+        self._index, self._row = column("index", np.int64), column("row", np.int64)
 
     @classmethod
-    def open(cls, path: Path, *, source: str, row_label: str = "row", fingerprint: str | None = None) -> PairStore:
+    def open(cls, path: Path, *, source: str, row_label: str = "row", fingerprint: str | None = None,
+             content: str | None = None) -> PairStore:
         # Zero-copy: the table's buffers point into the map, which stays open as long as they live.
         table = pa.ipc.open_stream(pa.memory_map(str(path / PAIRS_FILE), "r")).read_all()
-        return cls(table, source=source, row_label=row_label, fingerprint=fingerprint, path=path)
+        return cls(table, source=source, row_label=row_label, fingerprint=fingerprint, path=path, content=content)
+
+    @property
+    def content_fingerprint(self) -> str | None:
+        """The pairs' ``ColumnsFingerprint`` (``data.fingerprint``), computed when the store was
+        built and kept in its manifest; ``None`` when unknown (a store built before it was
+        recorded) or when the indices are shifted (``with_index_offset``): then it is computed."""
+        return self._content if self.index_offset == 0 else None
 
     def with_index_offset(self, offset: int) -> PairStore:
         """The same pairs, their ``index`` shifted by ``offset`` (eval pairs next to training
@@ -245,6 +257,27 @@ class PairStore(Sequence):
 # Writing
 
 
+def _numpy(arr: pa.Array) -> np.ndarray:
+    """A primitive Arrow array as numpy over the same memory, nulls as NaN (float columns).
+    ``Array.to_numpy`` would import pandas: over a second on every cache hit."""
+    dtype = np.dtype(arr.type.to_pandas_dtype())
+    validity, data = arr.buffers()[:2]
+    out = np.frombuffer(data, dtype=dtype, count=len(arr) + arr.offset)[arr.offset:] if len(arr) else np.zeros(0, dtype)
+    if arr.null_count:
+        bits = np.unpackbits(np.frombuffer(validity, dtype=np.uint8), bitorder="little")
+        out = np.where(bits[arr.offset:arr.offset + len(arr)].astype(bool), out, np.nan)
+    return out
+
+
+def _arrow(values: np.ndarray, type_: pa.DataType, valid: np.ndarray | None = None) -> pa.Array:
+    """A contiguous numpy array as an Arrow array over the same memory (``pa.array`` on numpy
+    would import pandas: over a second and 50 MB in every process that builds a store)."""
+    values = np.ascontiguousarray(values)
+    mask = None if valid is None else pa.py_buffer(np.packbits(valid, bitorder="little"))
+    return pa.Array.from_buffers(type_, len(values), [mask, pa.py_buffer(values)],
+                                 null_count=-1 if valid is None else int(len(valid) - valid.sum()))
+
+
 def record_batch(encoded: dict[str, np.ndarray]) -> pa.RecordBatch:
     """An Arrow batch from ``encode_pairs``' arrays."""
     arrays = []
@@ -252,12 +285,14 @@ def record_batch(encoded: dict[str, np.ndarray]) -> pa.RecordBatch:
         lengths = encoded[f"{name}_lengths"]
         offsets = np.zeros(len(lengths) + 1, dtype=np.int32)
         np.cumsum(lengths, out=offsets[1:])
-        arrays.append(pa.ListArray.from_arrays(pa.array(offsets), pa.array(encoded[name], type=pa.int32())))
+        arrays.append(pa.ListArray.from_arrays(_arrow(offsets, pa.int32()),
+                                               _arrow(encoded[name].astype(np.int32, copy=False), pa.int32())))
     for name in ("score_chosen", "score_rejected"):
-        # NaN marks "no score"; a list with None keeps pyarrow from importing pandas for the mask.
-        arrays.append(pa.array([None if v != v else v for v in encoded[name].tolist()], type=pa.float64()))
-    arrays.append(pa.array(encoded["index"], type=pa.int64()))
-    arrays.append(pa.array(encoded["row"], type=pa.int64()))
+        values = encoded[name].astype(np.float64, copy=False)
+        valid = ~np.isnan(values)  # NaN marks "no score": null in the file
+        arrays.append(_arrow(np.where(valid, values, 0.0), pa.float64(), None if valid.all() else valid))
+    arrays.append(_arrow(encoded["index"].astype(np.int64, copy=False), pa.int64()))
+    arrays.append(_arrow(encoded["row"].astype(np.int64, copy=False), pa.int64()))
     return pa.RecordBatch.from_arrays(arrays, schema=SCHEMA)
 
 
@@ -266,20 +301,16 @@ def encode_pairs(pairs: list[TokenizedPair], index_offset: int = 0) -> dict[str,
     out: dict[str, np.ndarray] = {}
     for name in ID_COLUMNS:
         lists = [getattr(p, name) for p in pairs]
-        lengths = np.fromiter((len(x) for x in lists), dtype=np.int64, count=len(lists))
+        lengths = np.fromiter(map(len, lists), dtype=np.int64, count=len(lists))
         out[f"{name}_lengths"] = lengths
-        values = np.empty(int(lengths.sum()), dtype=np.int32)
-        at = 0
-        for x, n in zip(lists, lengths):
-            values[at:at + n] = x
-            at += n
-        out[name] = values
+        # One pass over all the ids of the chunk (a copy per pair costs a numpy call per pair).
+        out[name] = np.fromiter(itertools.chain.from_iterable(lists), dtype=np.int32, count=int(lengths.sum()))
     nan = float("nan")
     out["score_chosen"] = np.array([nan if p.score_chosen is None else p.score_chosen for p in pairs], dtype=np.float64)
     out["score_rejected"] = np.array([nan if p.score_rejected is None else p.score_rejected for p in pairs],
                                      dtype=np.float64)
-    out["index"] = np.array([p.index + index_offset for p in pairs], dtype=np.int64)
-    out["row"] = np.array([p.row for p in pairs], dtype=np.int64)
+    out["index"] = np.fromiter((p.index + index_offset for p in pairs), dtype=np.int64, count=len(pairs))
+    out["row"] = np.fromiter((p.row for p in pairs), dtype=np.int64, count=len(pairs))
     return out
 
 

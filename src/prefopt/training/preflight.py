@@ -17,7 +17,7 @@ from pathlib import Path
 
 import yaml
 
-from prefopt.data.fingerprint import pairs_fingerprint
+from prefopt.data.fingerprint import same_data
 from prefopt.errors import ConfigError, PrefoptError
 from prefopt.modeling.load import looks_local
 from prefopt.training.checkpoint import (
@@ -207,7 +207,7 @@ def check_resume_data(cfg, plan: RunPlan, train_pairs) -> None:
         saved = read_manifest(plan.resume_from).get("data_fingerprint")
     except (OSError, ValueError):
         return  # verified when the plan was made; nothing to compare with here
-    if not saved or saved == pairs_fingerprint(train_pairs):
+    if not saved or same_data(saved, train_pairs):
         return
     if cfg.ignore_data_change:
         if _main_process():

@@ -30,7 +30,7 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from prefopt.data.collate import to_device
-from prefopt.data.fingerprint import pairs_fingerprint
+from prefopt.data.fingerprint import data_fingerprint as fingerprint_of_pairs
 from prefopt.errors import PrefoptError, RunInterrupted
 from prefopt.io import simulate_full_disk
 from prefopt.memory import transient_heap
@@ -448,10 +448,11 @@ class Trainer:
     @property
     def data_fingerprint(self) -> str | None:
         """The training pairs' fingerprint (``data.fingerprint``), recorded in every checkpoint so a
-        resumed run can check it trains on the same data. Computed once, at the first save."""
+        resumed run can check it trains on the same data. Once, at the first save; a store knows it
+        from its build, pairs in memory are hashed."""
         if not hasattr(self, "_data_fingerprint"):
             try:
-                self._data_fingerprint = pairs_fingerprint(self.train_data)
+                self._data_fingerprint = fingerprint_of_pairs(self.train_data)
             except (AttributeError, TypeError):  # rows that are not tokenized pairs: nothing to record
                 self._data_fingerprint = None
         return self._data_fingerprint
