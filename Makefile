@@ -15,7 +15,7 @@ PYTEST_ARGS ?=
 PYTEST_WORKERS ?= 2
 XDIST := -n $(PYTEST_WORKERS) --dist loadscope
 
-.PHONY: install demo test test-fast test-latest lint bench clean
+.PHONY: install demo test test-fast test-deepspeed test-latest lint bench clean
 
 $(BIN)/prefopt: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,13 @@ test: install
 # The quick loop while developing: everything but the whole-run tests marked `slow`.
 test-fast: install
 	$(BIN)/python -m pytest tests -m "not slow" $(XDIST) $(PYTEST_ARGS)
+
+# The DeepSpeed ZeRO tests, which `make test` skips (deepspeed is not in the dev extra: it would make the
+# suite minutes longer; docs/reliability.md, "DeepSpeed tests"). Installs deepspeed into $(VENV), so a
+# later `make test` there runs them too.
+test-deepspeed: install
+	$(BIN)/pip install -q -c constraints.txt -e ".[dev,deepspeed]"
+	$(BIN)/python -m pytest tests/training/test_distributed.py -k deepspeed -rs $(PYTEST_ARGS)
 
 # Today's PyPI versions (torch still from TORCH_SPEC), in a separate environment.
 test-latest:

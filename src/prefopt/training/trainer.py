@@ -7,7 +7,8 @@ position is fully described by the optimizer step, which is what makes checkpoin
 
 Its public surface is what checkpointing (``checkpoint.save``/``restore``) and the non-finite guard
 (``guard.check_step``) use: ``state_dict``/``load_state_dict`` (step, optimizer, scheduler, the
-unlogged metrics window, skip count), ``gather_model_state``/``save_model``, ``all_reduce_sum``.
+unlogged metrics window, skip count), ``gather_model_state``/``save_model``, ``save_engine_state``/
+``load_engine_state`` (DeepSpeed's per-process ZeRO partitions), ``all_reduce_sum``.
 """
 
 from __future__ import annotations
@@ -337,9 +338,15 @@ class Trainer:
         """Everything but the model and the RNGs that a resumed run needs to continue exactly.
         ``optimizer_state``: the full state from ``gather_optimizer_state`` when it is sharded."""
         window = self.window
+        deepspeed = engine_of(self.accelerator) == "deepspeed"
+        if deepspeed:  # each process's ZeRO partition is in the engine's own files (save_engine_state)
+            optimizer_state = None
+        elif optimizer_state is None:
+            optimizer_state = self.optimizer.state_dict()
         return {
             "step": self.step,
-            "optimizer": optimizer_state if optimizer_state is not None else self.optimizer.state_dict(),
+            "optimizer": optimizer_state,
+            "deepspeed_tag": self.engine_tag if deepspeed else None,
             "scheduler": self.scheduler.state_dict(),
             "window": {"sums": dict(window["sums"]), "pairs": window["pairs"], "tokens": window["tokens"]},
             "skipped_steps": self.skipped_steps,
@@ -347,7 +354,12 @@ class Trainer:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if engine_of(self.accelerator) == "fsdp2":
+        """Everything ``state_dict`` saved. Under DeepSpeed the optimizer is not in ``state``: it was
+        restored with the weights by ``load_engine_state``."""
+        engine = engine_of(self.accelerator)
+        if engine == "deepspeed":
+            pass
+        elif engine == "fsdp2":
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
             # The full state, keyed by parameter name; each process keeps its own shard of it.
@@ -363,6 +375,30 @@ class Trainer:
         window = state.get("window")
         if window is not None:
             self.window.update(sums=defaultdict(float, window["sums"]), pairs=window["pairs"], tokens=window["tokens"])
+
+    @property
+    def engine_tag(self) -> str:
+        """The folder DeepSpeed's own checkpoint of this step goes in (Hugging Face Trainer's name)."""
+        return f"global_step{self.step}"
+
+    def save_engine_state(self, directory: Path) -> None:
+        """Under DeepSpeed, every process writes its ZeRO partition of the optimizer (fp32 master
+        weights and moments; under ZeRO-3 the weights' partition too) with the engine's own
+        ``save_checkpoint`` into ``directory/global_stepSTEP/``, beside the ``latest`` and
+        ``zero_to_fp32.py`` files DeepSpeed users know. A collective: every process calls it. No-op
+        for the other engines, whose optimizer state goes into ``training_state.pt``."""
+        if engine_of(self.accelerator) != "deepspeed":
+            return
+        self.model.save_checkpoint(str(directory), tag=self.engine_tag, client_state={}, save_latest=True)
+
+    def load_engine_state(self, directory: Path, tag: str) -> None:
+        """Under DeepSpeed: each process loads its own ZeRO partition (and the weights) from the
+        engine's files in ``directory/tag``. The checkpoint must come from as many processes: ZeRO
+        partitions are per process."""
+        load_path, _ = self.model.load_checkpoint(str(directory), tag=tag, load_module_strict=True,
+                                                  load_optimizer_states=True, load_lr_scheduler_states=False)
+        if load_path is None:
+            raise PrefoptError(f"{directory / tag}: DeepSpeed could not load this checkpoint")
 
     def unwrapped_model(self) -> torch.nn.Module:
         return self.accelerator.unwrap_model(self.model)
