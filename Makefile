@@ -10,8 +10,12 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 LATEST_BIN := $(LATEST_VENV)/bin
 PYTEST_ARGS ?=
+# Test processes (pytest-xdist): 2 for the 2-core CI machine; `make test PYTEST_WORKERS=0` runs serially.
+# loadscope keeps each module's tests in one process, so a module-scoped trained run is made once.
+PYTEST_WORKERS ?= 2
+XDIST := -n $(PYTEST_WORKERS) --dist loadscope
 
-.PHONY: install demo test test-fast test-latest lint bench clean
+.PHONY: install demo test test-fast test-deepspeed test-latest lint bench clean
 
 $(BIN)/prefopt: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -27,11 +31,18 @@ demo: install
 
 test: install
 	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/python -m pytest tests $(PYTEST_ARGS)
+	$(BIN)/python -m pytest tests $(XDIST) $(PYTEST_ARGS)
 
 # The quick loop while developing: everything but the whole-run tests marked `slow`.
 test-fast: install
-	$(BIN)/python -m pytest tests -m "not slow" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest tests -m "not slow" $(XDIST) $(PYTEST_ARGS)
+
+# The DeepSpeed ZeRO tests, which `make test` skips (deepspeed is not in the dev extra: it would make the
+# suite minutes longer; docs/reliability.md, "DeepSpeed tests"). Installs deepspeed into $(VENV), so a
+# later `make test` there runs them too.
+test-deepspeed: install
+	$(BIN)/pip install -q -c constraints.txt -e ".[dev,deepspeed]"
+	$(BIN)/python -m pytest tests/training/test_distributed.py -k deepspeed -rs $(PYTEST_ARGS)
 
 # Today's PyPI versions (torch still from TORCH_SPEC), in a separate environment.
 test-latest:
@@ -41,7 +52,7 @@ test-latest:
 	$(LATEST_BIN)/pip install -q --upgrade --upgrade-strategy eager -e ".[dev]"
 	$(LATEST_BIN)/pip list 2>/dev/null | grep -iE "^(transformers|accelerate|peft|datasets|tokenizers|torch) "
 	$(LATEST_BIN)/ruff check src tests benchmarks
-	$(LATEST_BIN)/python -m pytest tests $(PYTEST_ARGS)
+	$(LATEST_BIN)/python -m pytest tests $(XDIST) $(PYTEST_ARGS)
 
 lint: install
 	$(BIN)/ruff check src tests benchmarks

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import subprocess
 import sys
@@ -14,8 +16,20 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Tokenized-pair stores and reference caches of the tests go to a temporary directory, not the user's cache
 # (inherited by the subprocesses run_cli starts).
 os.environ.setdefault("PREFOPT_CACHE_DIR", tempfile.mkdtemp(prefix="prefopt-test-cache-"))
+# Under pytest-xdist (`make test` runs `-n 2`): each worker gets its own cache directory, so no test
+# sees a store another worker's test built, and one thread per worker (and per process it starts),
+# since the workers already use the cores; tiny models gain nothing from a second thread.
+WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+if WORKER:
+    os.environ["PREFOPT_CACHE_DIR"] = os.path.join(os.environ["PREFOPT_CACHE_DIR"], WORKER)
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"
 
 from prefopt.toy import build_tiny_model, easy_preferences, write_jsonl  # noqa: E402
+
+if WORKER:
+    import torch
+
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
@@ -49,6 +63,34 @@ def run_cli(*args: str, cwd: str | Path | None = None, timeout: int = 300) -> su
     )
 
 
+def run_main(*args: str, cwd: str | Path | None = None) -> subprocess.CompletedProcess:
+    """``prefopt ARGS`` through ``prefopt.cli.main.main`` in this process, answered like ``run_cli``
+    (exit status, stdout, stderr). A new interpreter spends seconds importing torch and transformers
+    before the command starts; use this where the process boundary is not what a test is about
+    (signals, kills, tracebacks and several processes need ``run_cli``)."""
+    from prefopt.cli.main import main
+
+    out, err = io.StringIO(), io.StringIO()
+    before, argv = os.getcwd(), sys.argv
+    sys.argv = ["prefopt", *map(str, args)]  # what the run lock and the model card record
+    try:
+        os.chdir(cwd or before)  # contextlib.chdir is Python 3.11+
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = main([*map(str, args)])
+    except SystemExit as e:  # argparse's usage errors
+        code = e.code if isinstance(e.code, int) else int(e.code is not None)
+    finally:
+        os.chdir(before)
+        sys.argv = argv
+    return subprocess.CompletedProcess(["prefopt", *map(str, args)], code, out.getvalue(), err.getvalue())
+
+
 @pytest.fixture
 def cli():
     return run_cli
+
+
+@pytest.fixture
+def cli_here():
+    """``run_main``: the command in this process."""
+    return run_main

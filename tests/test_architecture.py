@@ -14,7 +14,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "prefopt"
 
 # Lowest first. Modules of one layer may import each other (the module graph must still be acyclic).
 LAYERS = [
-    {"errors", "io", "digest", "memory", "toy", "losses", "trl_compat"},
+    {"errors", "io", "digest", "memory", "progress", "toy", "losses", "trl_compat"},
     {"config", "data"},
     {"modeling"},
     {"training", "objectives"},

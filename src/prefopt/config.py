@@ -242,8 +242,8 @@ class TrainConfig:
     logging_steps: int = opt(10, "Log metrics every N optimizer steps.", group="output")
     eval_steps: int = opt(0, "Evaluate every N steps (0: only at the end, if eval_dataset).", group="output")
     save_steps: int = opt(500, "Checkpoint every N steps (0: no intermediate checkpoints).", group="output")
-    progress_bar: bool = opt(True, "Show a progress bar on the terminal.", group="output",
-                             commands=(*TRAINING, REWARD_SCORE, REWARD_EVAL))
+    progress_bar: bool = opt(True, "Show progress: a bar on a terminal, a line every 10 % when stderr is a "
+                             "file or pipe.", group="output", commands=(*TRAINING, REWARD_SCORE, REWARD_EVAL))
     # --- reliability: resume, checkpoints, output directory, NaN guard ---
     resume_from_checkpoint: str | None = opt(
         None, "Resume from this checkpoint directory, or `latest`: the newest complete one in output_dir "

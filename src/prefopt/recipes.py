@@ -47,7 +47,14 @@ from prefopt.objectives.reward import RewardObjective, check_margin_scores
 from prefopt.training.checkpoint import restore, write_errors
 from prefopt.training.distributed import build_accelerator, engine_of, load_dtype, prepare_reference, together
 from prefopt.training.metrics import resolve_trackers, run_summary
-from prefopt.training.preflight import RunPlan, check_model_paths, check_resume_data, plan_run
+from prefopt.training.preflight import (
+    RunPlan,
+    agree_on_plan,
+    check_model_paths,
+    check_resume_data,
+    check_resume_engine,
+    plan_run,
+)
 from prefopt.training.run_dir import RunDirectory, contents
 from prefopt.training.run_lock import RunLock
 from prefopt.training.trainer import Trainer
@@ -81,6 +88,9 @@ def _start(cfg: TrainConfig, *, model, tokenizer, train_dataset) -> tuple[RunPla
     # stop every process with one line, not leave some waiting for the others.
     with together(accelerator):
         plan = plan_run(cfg)
+    plan = agree_on_plan(plan, accelerator)  # every process restores the checkpoint the main process chose
+    with together(accelerator):
+        check_resume_engine(plan, engine_of(accelerator), accelerator.num_processes)
     if cfg.return_freed_memory:
         return_freed_memory()  # lower peak RSS on CPU (memory.py)
     set_seed(cfg.seed)

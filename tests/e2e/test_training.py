@@ -26,9 +26,22 @@ def dpo_run(tmp_path_factory, tiny_llama, easy_data):
     config.write_text(yaml.safe_dump({"model_name_or_path": str(tiny_llama), "dataset": str(easy_data["train"]),
                                       "eval_dataset": str(easy_data["eval"]), "output_dir": str(out),
                                       "loss_type": "dpo"}))
-    res = run_cli("train", "--config", config, *COMMON)
+    # Progress on (stderr is a pipe here, as in a log): test_progress_in_a_log reads what it wrote.
+    res = run_cli("train", "--config", config, *COMMON, "--progress_bar", "true")
     assert res.returncode == 0, res.stderr
+    (out.parent / "dpo.stderr").write_text(res.stderr)
     return out
+
+
+def test_progress_in_a_log_is_lines_with_the_last_logged_loss(dpo_run):
+    err = (dpo_run.parent / "dpo.stderr").read_text()
+    assert "\r" not in err  # no bar redraws
+    lines = [line for line in err.splitlines() if line.startswith("train: ")]
+    last = [r for r in read_metrics(dpo_run / "metrics.jsonl") if "loss" in r][-1]
+    # 20 quick steps: no 10 % line (less than LINE_MIN_SECONDS apart), the closing one with the last loss
+    assert lines[-1].startswith("train: 20/20 step (100%) [")
+    assert lines[-1].endswith(f"loss={last['loss']:.4f}, acc={last['rewards/accuracies']:.2f}")
+    assert not any(line.startswith(("eval ", "tokenizing")) for line in err.splitlines())  # quick, transient
 
 
 def test_first_logged_dpo_loss_is_log2(dpo_run):
@@ -62,11 +75,11 @@ def test_saved_model_loads_and_differs_from_initial(dpo_run, tiny_llama):
     assert saved["beta"] == 0.5 and saved["max_steps"] == 20
 
 
-def test_odpo_with_alpha_zero_logs_the_same_losses_as_dpo(cli, tiny_llama, easy_data, tmp_path):
+def test_odpo_with_alpha_zero_logs_the_same_losses_as_dpo(cli_here, tiny_llama, easy_data, tmp_path):
     losses = {}
     for loss_type in ("dpo", "odpo"):
         out = tmp_path / loss_type
-        res = cli("train", "--model_name_or_path", tiny_llama, "--dataset", easy_data["train"], "--output_dir", out,
+        res = cli_here("train", "--model_name_or_path", tiny_llama, "--dataset", easy_data["train"], "--output_dir", out,
                   "--loss_type", loss_type, "--alpha", "0", *COMMON[:-6], "--max_steps", "6", "--save_steps", "0",
                   "--progress_bar", "false", "--seed", "3", "--report_to", "none")
         assert res.returncode == 0, res.stderr
@@ -75,9 +88,9 @@ def test_odpo_with_alpha_zero_logs_the_same_losses_as_dpo(cli, tiny_llama, easy_
     assert losses["odpo"] == pytest.approx(losses["dpo"], abs=1e-7)
 
 
-def test_odpo_offset_changes_training(cli, tiny_llama, easy_data, tmp_path):
+def test_odpo_offset_changes_training(cli_here, tiny_llama, easy_data, tmp_path):
     out = tmp_path / "odpo"
-    res = cli("train", "--model_name_or_path", tiny_llama, "--dataset", easy_data["train"], "--output_dir", out,
+    res = cli_here("train", "--model_name_or_path", tiny_llama, "--dataset", easy_data["train"], "--output_dir", out,
               "--loss_type", "odpo", "--alpha", "1.0", "--max_steps", "2", "--logging_steps", "1",
               "--progress_bar", "false", "--report_to", "none")
     assert res.returncode == 0, res.stderr
@@ -86,7 +99,7 @@ def test_odpo_offset_changes_training(cli, tiny_llama, easy_data, tmp_path):
     assert abs(first - math.log(2)) > 1e-2
 
 
-def test_logps_command_matches_training_tokenization(cli, tiny_llama, easy_data, tmp_path):
+def test_logps_command_matches_training_tokenization(cli_here, tiny_llama, easy_data, tmp_path):
     from prefopt.data.collate import PaddedPairCollator
     from prefopt.data.formats import load_pairs
     from prefopt.data.tokenize import tokenize_pairs
@@ -94,7 +107,7 @@ def test_logps_command_matches_training_tokenization(cli, tiny_llama, easy_data,
     from prefopt.modeling.logprobs import pair_logps
 
     out = tmp_path / "logps.jsonl"
-    res = cli("logps", "--model", tiny_llama, "--dataset", easy_data["eval"], "--output", out, "--batch_size", "5")
+    res = cli_here("logps", "--model", tiny_llama, "--dataset", easy_data["eval"], "--output", out, "--batch_size", "5")
     assert res.returncode == 0, res.stderr
     rows = read_metrics(out)
     tok = load_tokenizer(str(tiny_llama))
@@ -110,12 +123,12 @@ def test_logps_command_matches_training_tokenization(cli, tiny_llama, easy_data,
         assert rows[i]["chosen_tokens"] == len(tokenized[i].chosen_ids)
 
 
-def test_bad_input_is_one_line_exit_2(cli, tiny_llama, tmp_path):
+def test_bad_input_is_one_line_exit_2(cli_here, tiny_llama, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "p", "chosen": "a", "rejected": "b"}\n{"prompt": "p", "chosen": 5, "rejected": "b"}\n')
-    res = cli("train", "--model_name_or_path", tiny_llama, "--dataset", bad, "--output_dir", tmp_path / "o")
+    res = cli_here("train", "--model_name_or_path", tiny_llama, "--dataset", bad, "--output_dir", tmp_path / "o")
     assert res.returncode == 2
     assert res.stderr.strip().splitlines()[-1] == f"prefopt: error: {bad}, line 2, field 'chosen': expected a string, got int"
     assert "Traceback" not in res.stderr
-    res = cli("train", "--model_name_or_path", tiny_llama, "--dataset", bad, "--betaa", "0.1")
+    res = cli_here("train", "--model_name_or_path", tiny_llama, "--dataset", bad, "--betaa", "0.1")
     assert res.returncode == 2 and "did you mean '--beta'" in res.stderr

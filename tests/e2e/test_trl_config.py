@@ -54,11 +54,11 @@ seed: 3
 
 
 @pytest.mark.slow
-def test_dpoconfig_yaml_trains_unchanged(cli, tiny_llama, easy_data, tmp_path):
+def test_dpoconfig_yaml_trains_unchanged(cli_here, tiny_llama, easy_data, tmp_path):
     out = tmp_path / "run"
     config = tmp_path / "dpo_config.yaml"
     config.write_text(TRL_STYLE.format(model=tiny_llama, data=easy_data["train"], eval=easy_data["eval"], out=out))
-    res = cli("train", "--config", config)
+    res = cli_here("train", "--config", config)
     assert res.returncode == 0, res.stderr
     rows = read_metrics(out / "metrics.jsonl")
     train = [r for r in rows if "loss" in r]

@@ -27,7 +27,7 @@ def test_eval_plan_line():
 
 
 @pytest.mark.slow
-def test_eval_limits_progress_stderr_and_cached_reference(cli, tiny_llama, easy_data, tmp_path, monkeypatch):
+def test_eval_limits_progress_stderr_and_cached_reference(cli_here, tiny_llama, easy_data, tmp_path, monkeypatch):
     import torch
 
     from prefopt.data.prepare import seeded_subset
@@ -40,7 +40,7 @@ def test_eval_limits_progress_stderr_and_cached_reference(cli, tiny_llama, easy_
             "--scorer", "prefopt.demo.world:sentiment_score", "--num_samples", "2", "--max_new_tokens", "6",
             "--pairs", easy_data["eval"], "--beta", "0.5", "--max_prompts", "5", "--max_pairs", "6",
             "--seed", "7", "--batch_size", "4"]
-    first = cli(*args, "--output_dir", tmp_path / "e1")
+    first = cli_here(*args, "--output_dir", tmp_path / "e1")
     assert first.returncode == 0, first.stderr[-2000:]
     assert ("eval plan: 1 model + reference " in first.stderr
             and "; 5 prompts (seeded subset of 64) x 2 samples (up to 6 new tokens) per model; preference "
@@ -68,7 +68,7 @@ def test_eval_limits_progress_stderr_and_cached_reference(cli, tiny_llama, easy_
     assert got["reward_margin"] == pytest.approx(direct["reward_margin"], rel=1e-5)
 
     # A second evaluation reuses the reference's pair log-probs and gets the same numbers.
-    second = cli(*args, "--output_dir", tmp_path / "e2")
+    second = cli_here(*args, "--output_dir", tmp_path / "e2")
     assert second.returncode == 0, second.stderr[-2000:]
     assert "reference log-probs of the 6 pairs reused from the cache" in second.stderr
     assert "accuracy: reference" not in second.stderr

@@ -7,6 +7,7 @@ import itertools
 import json
 import math
 import random
+import re
 
 import pytest
 import torch
@@ -241,12 +242,19 @@ REPORT_FIELDS = ("method", "beta", "alpha", "reward", "kl", "accuracy")
 
 
 @pytest.mark.slow
-def test_demo_quick_eval_and_plot_end_to_end(cli, tmp_path):
+def test_demo_quick_eval_and_plot_end_to_end(cli, cli_here, tmp_path):
+    """The demo in a real process with stderr piped, as `make demo > log`; the commands that read
+    its output in this process (``cli_here``), since their process boundary is not the point."""
     out = tmp_path / "demo"
     res = cli("demo", "--quick", "--output_dir", out)
     assert res.returncode == 0, res.stderr
     for stage in range(1, 8):
         assert f"[{stage}/7]" in res.stderr
+    # Progress in a log: whole lines, no bar redraws; every training run (SFT, the reward model, the
+    # five offline runs, the two online runs' round) ends with its closing line.
+    assert "\r" not in res.stderr
+    assert len(re.findall(r"^sft: 120/120 step \(100%\) \[", res.stderr, re.M)) == 1
+    assert len(re.findall(r"^train: (\d+)/\1 step \(100%\) \[.*\] loss=", res.stderr, re.M)) == 8
     report = json.loads((out / "report.json").read_text())
     runs = report["runs"]
     assert [r["method"] for r in runs] == ["sft", "dpo", "odpo", "dpo_noisy", "dpo_rm_filtered", "odpo_rm",
@@ -287,7 +295,7 @@ def test_demo_quick_eval_and_plot_end_to_end(cli, tmp_path):
     # The learned offsets are `prefopt reward score` of the reward model on those labels, and the held-out
     # accuracy is `prefopt reward eval` on the ground-truth ordered held-out pairs.
     scored = tmp_path / "rescored.jsonl"
-    res = cli("reward", "score", "--model", out / "reward_model", "--dataset", out / "data" / "train_pairs_noisy.jsonl",
+    res = cli_here("reward", "score", "--model", out / "reward_model", "--dataset", out / "data" / "train_pairs_noisy.jsonl",
               "--output", scored, "--max_length", 64, "--max_prompt_length", 32, "--batch_size", 64)
     assert res.returncode == 0, res.stderr
     ours = [json.loads(line) for line in (out / "data" / "train_pairs_noisy_rm.jsonl").read_text().splitlines()]
@@ -301,7 +309,7 @@ def test_demo_quick_eval_and_plot_end_to_end(cli, tmp_path):
     assert rm["train_pairs_flipped"] == noisy["flipped"]
     assert rm["train_pairs_rm_disagrees_flipped"] == sum(
         not a["score_chosen"] > a["score_rejected"] and a["chosen"] != p["chosen"] for a, p in zip(ours, pairs))
-    res = cli("reward", "eval", "--model", out / "reward_model", "--dataset", out / "data" / "heldout_pairs.jsonl",
+    res = cli_here("reward", "eval", "--model", out / "reward_model", "--dataset", out / "data" / "heldout_pairs.jsonl",
               "--max_length", 64, "--max_prompt_length", 32)
     assert res.returncode == 0, res.stderr
     assert json.loads(res.stdout.strip().splitlines()[-1])["accuracy"] == pytest.approx(rm["heldout_accuracy"],
@@ -318,7 +326,7 @@ def test_demo_quick_eval_and_plot_end_to_end(cli, tmp_path):
     dpo = runs[1]
     s = report["settings"]
     ev = tmp_path / "eval"
-    res = cli("eval", "--model", out / "runs" / "dpo_beta1.0", "--ref", out / "sft",
+    res = cli_here("eval", "--model", out / "runs" / "dpo_beta1.0", "--ref", out / "sft",
               "--prompts", out / "data" / "eval_prompts.jsonl", "--scorer", report["scorer"],
               "--num_samples", s["eval_samples"], "--max_new_tokens", s["max_new_tokens"], "--seed", s["seed"] + 4,
               "--batch_size", 64, "--pairs", out / "data" / "heldout_pairs.jsonl", "--output_dir", ev)
@@ -332,13 +340,13 @@ def test_demo_quick_eval_and_plot_end_to_end(cli, tmp_path):
 
     # `prefopt plot` on the demo directory: training curves and frontier.
     (out / "frontier.png").unlink()
-    res = cli("plot", out)
+    res = cli_here("plot", out)
     assert res.returncode == 0, res.stderr
     assert (out / "training_curves.png").exists() and (out / "frontier.png").exists()
 
     # Input errors are one line and exit status 2.
-    res = cli("eval", "--model", out / "runs" / "dpo_beta1.0", "--ref", out / "sft", "--prompts",
+    res = cli_here("eval", "--model", out / "runs" / "dpo_beta1.0", "--ref", out / "sft", "--prompts",
               out / "data" / "eval_prompts.jsonl", "--scorer", "no_such_module_xyz:f", "--output_dir", ev)
     assert res.returncode == 2 and "Traceback" not in res.stderr and "no_such_module_xyz" in res.stderr
-    res = cli("plot", tmp_path / "missing")
+    res = cli_here("plot", tmp_path / "missing")
     assert res.returncode == 2 and "Traceback" not in res.stderr

@@ -531,8 +531,8 @@ def test_config_lists_from_yaml_and_command_line(tmp_path):
 
 
 @pytest.mark.slow
-def test_cli_refuses_offset_on_ipo_in_one_line(cli, tiny_llama, easy_data, tmp_path):
-    res = cli("train", "--model_name_or_path", tiny_llama, "--dataset", easy_data["train"], "--output_dir",
+def test_cli_refuses_offset_on_ipo_in_one_line(cli_here, tiny_llama, easy_data, tmp_path):
+    res = cli_here("train", "--model_name_or_path", tiny_llama, "--dataset", easy_data["train"], "--output_dir",
               tmp_path / "o", "--loss_type", "ipo", "--use_offset", "true")
     assert res.returncode == 2
     lines = res.stderr.strip().splitlines()

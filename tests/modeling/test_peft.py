@@ -39,10 +39,10 @@ LORA_KEYS = {"use_peft": "true", "lora_r": 4, "lora_alpha": 8, "lora_target_modu
 
 @pytest.fixture(scope="module")
 def lora_run(tmp_path_factory, tiny_llama, easy_data):
-    from tests.conftest import run_cli
+    from tests.conftest import run_main
 
     out = tmp_path_factory.mktemp("lora") / "run"
-    res = _train(run_cli, tiny_llama, easy_data["train"], out, merge_adapter_on_save="true", **LORA_KEYS)
+    res = _train(run_main, tiny_llama, easy_data["train"], out, merge_adapter_on_save="true", **LORA_KEYS)
     assert res.returncode == 0, res.stderr
     return out
 
@@ -122,9 +122,9 @@ def test_build_models_with_peft_uses_the_policy_as_reference(tiny_llama, easy_da
 
 
 @pytest.mark.slow
-def test_gradient_checkpointing_gives_the_same_run(cli, lora_run, tiny_llama, easy_data, tmp_path):
+def test_gradient_checkpointing_gives_the_same_run(cli_here, lora_run, tiny_llama, easy_data, tmp_path):
     checkpointed = tmp_path / "gc"
-    res = _train(cli, tiny_llama, easy_data["train"], checkpointed, gradient_checkpointing="true", **LORA_KEYS)
+    res = _train(cli_here, tiny_llama, easy_data["train"], checkpointed, gradient_checkpointing="true", **LORA_KEYS)
     assert res.returncode == 0, res.stderr
     a, b = read_metrics(lora_run / "metrics.jsonl"), read_metrics(checkpointed / "metrics.jsonl")
     for ra, rb in zip(a, b, strict=True):
@@ -133,9 +133,9 @@ def test_gradient_checkpointing_gives_the_same_run(cli, lora_run, tiny_llama, ea
 
 
 @pytest.mark.slow
-def test_bf16_run_is_finite_and_reference_shares_the_precision(cli, tiny_llama, easy_data, tmp_path):
+def test_bf16_run_is_finite_and_reference_shares_the_precision(cli_here, tiny_llama, easy_data, tmp_path):
     out = tmp_path / "bf16"
-    res = _train(cli, tiny_llama, easy_data["train"], out, bf16="true", learning_rate=1e-3)
+    res = _train(cli_here, tiny_llama, easy_data["train"], out, bf16="true", learning_rate=1e-3)
     assert res.returncode == 0, res.stderr
     rows = read_metrics(out / "metrics.jsonl")
     assert all(math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) for r in rows)
@@ -152,10 +152,10 @@ def test_bf16_run_is_finite_and_reference_shares_the_precision(cli, tiny_llama, 
     ({"use_peft": "true", "lora_target_modules": "no_such_proj"}, "LoRA"),
 ])
 @pytest.mark.slow
-def test_unusable_scale_settings_are_one_line_errors(cli, tiny_llama, easy_data, tmp_path, keys, message):
+def test_unusable_scale_settings_are_one_line_errors(cli_here, tiny_llama, easy_data, tmp_path, keys, message):
     if torch.cuda.is_available() and message == "CUDA":
         pytest.skip("runs on a GPU machine")
-    res = _train(cli, tiny_llama, easy_data["train"], tmp_path / "x", **keys)
+    res = _train(cli_here, tiny_llama, easy_data["train"], tmp_path / "x", **keys)
     assert res.returncode == 2, res.stderr
     last = res.stderr.strip().splitlines()[-1]
     assert last.startswith("prefopt: error:") and message in last and "Traceback" not in res.stderr
@@ -182,10 +182,10 @@ def test_lora_target_modules_parsing():
 
 
 @pytest.mark.slow
-def test_merge_adapter_command_matches_the_merge_on_save(cli, lora_run, tiny_llama, tmp_path):
+def test_merge_adapter_command_matches_the_merge_on_save(cli_here, lora_run, tiny_llama, tmp_path):
     from safetensors.torch import load_file
 
-    res = cli("merge-adapter", "--base", tiny_llama, "--adapter", lora_run, "--output", tmp_path / "m")
+    res = cli_here("merge-adapter", "--base", tiny_llama, "--adapter", lora_run, "--output", tmp_path / "m")
     assert res.returncode == 0, res.stderr
     a, b = load_file(tmp_path / "m" / "model.safetensors"), load_file(lora_run / "merged" / "model.safetensors")
     base = load_file(tiny_llama / "model.safetensors")
@@ -193,5 +193,5 @@ def test_merge_adapter_command_matches_the_merge_on_save(cli, lora_run, tiny_lla
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=0, rtol=0)
     assert not torch.equal(a["model.layers.0.self_attn.q_proj.weight"], base["model.layers.0.self_attn.q_proj.weight"])
-    res = cli("merge-adapter", "--base", tiny_llama, "--adapter", tmp_path, "--output", tmp_path / "n")
+    res = cli_here("merge-adapter", "--base", tiny_llama, "--adapter", tmp_path, "--output", tmp_path / "n")
     assert res.returncode == 2 and "adapter_config.json" in res.stderr

@@ -199,10 +199,10 @@ def test_saved_reward_model_loads_with_transformers(trained_rm):
 
 
 @pytest.mark.slow
-def test_reward_score_feeds_odpo_training(trained_rm, cli, tiny_llama):
+def test_reward_score_feeds_odpo_training(trained_rm, cli_here, tiny_llama):
     d = trained_rm["dir_root"]
     scored = d / "scored.jsonl"
-    res = cli("reward", "score", "--model", trained_rm["dir"], "--dataset", trained_rm["held_out"],
+    res = cli_here("reward", "score", "--model", trained_rm["dir"], "--dataset", trained_rm["held_out"],
               "--output", scored, "--max_length", "32", "--max_prompt_length", "16", "--batch_size", "5")
     assert res.returncode == 0, res.stderr
     assert "score:" in res.stderr  # the progress bar
@@ -222,7 +222,7 @@ def test_reward_score_feeds_odpo_training(trained_rm, cli, tiny_llama):
     assert got == pytest.approx(alone, abs=1e-5)
     assert sum(r["score_chosen"] > r["score_rejected"] for r in rows) > 0.9 * len(rows)
 
-    res = cli("train", "--model_name_or_path", tiny_llama, "--dataset", scored, "--loss_type", "odpo",
+    res = cli_here("train", "--model_name_or_path", tiny_llama, "--dataset", scored, "--loss_type", "odpo",
               "--output_dir", d / "odpo", "--max_steps", "1", "--per_device_train_batch_size", "4",
               "--progress_bar", "false")
     assert res.returncode == 0, res.stderr
@@ -283,13 +283,13 @@ def test_rated_rows_get_one_score_per_response(trained_rm, tmp_path):
 
 
 @pytest.mark.slow
-def test_implicit_reward_equals_beta_times_logp_difference(cli, tiny_llama, easy_data, tmp_path):
+def test_implicit_reward_equals_beta_times_logp_difference(cli_here, tiny_llama, easy_data, tmp_path):
     policy = build_tiny_model(tmp_path / "policy", arch="llama", seed=1)  # a different model, same vocab
     data = write_jsonl(tmp_path / "d.jsonl", easy_preferences(12, seed=3, scores=False))
     for name, model in (("pol", policy), ("ref", tiny_llama)):
-        res = cli("logps", "--model", model, "--dataset", data, "--output", tmp_path / f"{name}.jsonl")
+        res = cli_here("logps", "--model", model, "--dataset", data, "--output", tmp_path / f"{name}.jsonl")
         assert res.returncode == 0, res.stderr
-    res = cli("reward", "score", "--policy", policy, "--ref", tiny_llama, "--beta", "0.25",
+    res = cli_here("reward", "score", "--policy", policy, "--ref", tiny_llama, "--beta", "0.25",
               "--dataset", data, "--output", tmp_path / "implicit.jsonl", "--batch_size", "5")
     assert res.returncode == 0, res.stderr
     pol = [json.loads(x) for x in (tmp_path / "pol.jsonl").read_text().splitlines()]

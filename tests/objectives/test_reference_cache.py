@@ -82,10 +82,10 @@ def test_second_run_reuses_cache_and_matches_live_reference(tiny_llama, tmp_path
 
 
 @pytest.mark.slow
-def test_logps_command_writes_the_cache_train_reads(tiny_gpt2, easy_data, tmp_path, cli):
+def test_logps_command_writes_the_cache_train_reads(tiny_gpt2, easy_data, tmp_path, cli_here):
     cache = tmp_path / "cache"
     out = tmp_path / "logps.jsonl"
-    r = cli("logps", "--model", tiny_gpt2, "--dataset", easy_data["train"], "--output", out,
+    r = cli_here("logps", "--model", tiny_gpt2, "--dataset", easy_data["train"], "--output", out,
             "--ref_logps_cache_dir", cache)
     assert r.returncode == 0, r.stderr
     (entry,) = cache.glob("*.pt")

@@ -18,7 +18,7 @@ from prefopt.data.prepare import seeded_subset
 from prefopt.errors import ConfigError
 from prefopt.evaluation.model_card import card_metadata, hub_id, read_card_metadata
 from prefopt.training.metrics import hyperparameters, read_metrics, requested_trackers, run_summary
-from tests.conftest import run_cli
+from tests.conftest import run_cli, run_main
 
 
 def _train_args(model, data, out, *extra):
@@ -131,7 +131,7 @@ def test_summary_card_and_eval_subset_of_the_tracked_run(tracked_run):
 @pytest.mark.slow
 def test_reward_train_ends_with_a_summary_and_a_reward_model_card(tiny_llama, easy_data, tmp_path):
     out = tmp_path / "rm"
-    result = run_cli("reward", "train", "--model_name_or_path", tiny_llama, "--dataset", easy_data["train"],
+    result = run_main("reward", "train", "--model_name_or_path", tiny_llama, "--dataset", easy_data["train"],
                      "--max_steps", "2", "--per_device_train_batch_size", "8", "--output_dir", out,
                      "--report_to", "none", "--progress_bar", "false")
     assert result.returncode == 0, result.stderr[-2000:]

@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from prefopt.data.fingerprint import ColumnsFingerprint
 from prefopt.data.formats import FORMATS, Columns, LoadStats, check_some_pairs, convert_rows, detect_format
@@ -35,6 +34,7 @@ from prefopt.data.tokenize import TokenizeStats, tokenize_pairs
 from prefopt.errors import DataError, PrefoptError
 from prefopt.losses.combine import loss_needs_scores
 from prefopt.losses.offsets import odpo_offset
+from prefopt.progress import progress_bar
 
 
 def apply_score_policy(pairs: list[PreferencePair], cfg) -> tuple[list[PreferencePair], int]:
@@ -151,7 +151,7 @@ def _build(cfg, spec, split: str, tokenizer, score_policy: bool, directory: Path
     worker = _ChunkWorker(cfg, tokenizer, fmt, columns, score_policy)
     load, tok, nonpositive = LoadStats(first.source, fmt), TokenizeStats(), 0
     content = ColumnsFingerprint()  # the resume check's fingerprint, while the pairs pass by
-    progress = tqdm(desc="tokenizing", unit=" rows", disable=None if cfg.progress_bar else True,
+    progress = progress_bar(desc="tokenizing", unit=" rows", disable=not cfg.progress_bar,
                     dynamic_ncols=True, leave=False)
 
     def batches():

@@ -10,10 +10,10 @@ import random
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM
 
 from prefopt.evaluation.policy import encode_prompts
+from prefopt.progress import progress_bar
 from prefopt.toy import tiny_llama_config
 
 
@@ -29,7 +29,7 @@ def train_sft(model, tokenizer, texts: list[str], *, steps: int, batch_size: int
     model.train()
     losses = []
     order: list[int] = []
-    bar = tqdm(range(steps), desc="sft", unit="step", disable=not progress)
+    bar = progress_bar(range(steps), desc="sft", unit="step", disable=not progress)
     for _ in bar:
         if len(order) < batch_size:
             fresh = list(range(len(ids)))

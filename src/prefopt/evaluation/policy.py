@@ -91,7 +91,7 @@ def sample(
 ) -> list[Sample]:
     """``num_samples`` completions per prompt, in (prompt, sample) order. Seeded: the same model,
     prompts and seed give the same samples."""
-    from tqdm.auto import tqdm
+    from prefopt.progress import progress_bar
 
     device = device or next(model.parameters()).device
     model.eval()
@@ -100,7 +100,7 @@ def sample(
     torch.manual_seed(seed)
     out: list[Sample] = []
     try:
-        for start in tqdm(range(0, len(jobs), batch_size), desc=desc, unit="batch", disable=not progress):
+        for start in progress_bar(range(0, len(jobs), batch_size), desc=desc, unit="batch", disable=not progress):
             chunk = jobs[start : start + batch_size]
             prompts = [prompt_ids[i] for i, _ in chunk]
             input_ids, attention_mask = left_pad(prompts, pad_token_id)
@@ -139,9 +139,9 @@ def sample_logps(model, samples: list[Sample], *, pad_token_id: int, batch_size:
             slots.append((a, members[j + 1] if j + 1 < len(members) else a))
     collator = PaddedPairCollator(pad_token_id)
     out = torch.zeros(len(samples), dtype=torch.float32)
-    from tqdm.auto import tqdm
+    from prefopt.progress import progress_bar
 
-    for start in tqdm(range(0, len(slots), batch_size), desc=desc, unit="batch", disable=not progress):
+    for start in progress_bar(range(0, len(slots), batch_size), desc=desc, unit="batch", disable=not progress):
         chunk = slots[start : start + batch_size]
         pairs = [TokenizedPair(samples[a].prompt_ids, samples[a].completion_ids, samples[b].completion_ids,
                                None, None, k) for k, (a, b) in enumerate(chunk)]
@@ -293,10 +293,10 @@ def sample_and_score(model, tokenizer, prompts: Sequence[str], scorer: Callable[
 def score_texts(scorer: Callable[[list[str]], list[float]], texts: list[str], *, chunk: int = 256,
                 progress: bool = False, desc: str = "score") -> list[float]:
     """``scorer`` over ``texts`` in chunks, so a slow scorer (a reward model) shows progress."""
-    from tqdm.auto import tqdm
+    from prefopt.progress import progress_bar
 
     scores: list[float] = []
-    for start in tqdm(range(0, len(texts), chunk), desc=desc, unit="chunk", disable=not progress or len(texts) <= chunk):
+    for start in progress_bar(range(0, len(texts), chunk), desc=desc, unit="chunk", disable=not progress or len(texts) <= chunk):
         scores.extend(scorer(texts[start : start + chunk]))
     return scores
 

@@ -11,12 +11,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from tqdm.auto import tqdm
 
 from prefopt.data.collate import to_device
 from prefopt.memory import transient_heap
 from prefopt.modeling.attention import attention_inputs
 from prefopt.modeling.lm_head import ChunkedHeadLogps, head_chunk_size, head_log_sum_sq, split_lm_head
+from prefopt.progress import progress_bar
 
 Tensor = torch.Tensor
 
@@ -159,7 +159,7 @@ def score_pairs(model, pairs: Sequence, collator, *, batch_size: int, device, pr
     rows = []
     starts = range(0, len(pairs), batch_size)
     with torch.no_grad(), transient_heap():
-        for start in tqdm(starts, desc=desc, disable=not progress):
+        for start in progress_bar(starts, desc=desc, disable=not progress):
             chunk = pairs[start : start + batch_size]
             batch = to_device(collator(list(chunk)), device)
             out = {k: v.tolist() for k, v in pair_logps(model, batch).items()}

@@ -15,12 +15,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForSequenceClassification
 
 from prefopt.data.collate import pad_sequences
 from prefopt.errors import PrefoptError
 from prefopt.modeling.load import dropout_free_config, finish_loading, first_line, looks_local
+from prefopt.progress import progress_bar
 
 Tensor = torch.Tensor
 
@@ -148,7 +148,7 @@ def score_sequences(
     order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
     out: list[float] = [0.0] * len(sequences)
     batches = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
-    for idx in tqdm(batches, desc=desc, unit="batch", disable=not progress, dynamic_ncols=True):
+    for idx in progress_bar(batches, desc=desc, unit="batch", disable=not progress, dynamic_ncols=True):
         input_ids, attention_mask = pad_sequences([sequences[i] for i in idx], pad_token_id)
         scores = model(input_ids.to(device), attention_mask.to(device)).tolist()
         for i, s in zip(idx, scores):

@@ -35,7 +35,6 @@ import sys
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from prefopt.data.collate import to_device
 from prefopt.data.fingerprint import pairs_fingerprint as data_fingerprint
@@ -47,6 +46,7 @@ from prefopt.memory import transient_heap
 from prefopt.modeling.load import freeze, load_causal_lm
 from prefopt.modeling.logprobs import pair_token_logps, score_pairs
 from prefopt.objectives.reference import CachedReference
+from prefopt.progress import progress_bar
 
 CACHE_VERSION = 2
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
@@ -167,7 +167,7 @@ def compute_table(model, pairs: list[TokenizedPair], collator, *, batch_size: in
     sums = {"index": [], "chosen_logps": [], "rejected_logps": [], "chosen_tokens": [], "rejected_tokens": []}
     values: list[torch.Tensor] = []
     with torch.no_grad(), transient_heap():
-        for start in tqdm(range(0, len(pairs), batch_size), desc="ref logps", disable=not progress):
+        for start in progress_bar(range(0, len(pairs), batch_size), desc="ref logps", disable=not progress):
             chunk = pairs[start : start + batch_size]
             out = pair_token_logps(model, to_device(collator(list(chunk)), device))
             # Tokens ordered by (response, rank): chosen then rejected of pair 0, then pair 1, ...

@@ -6,6 +6,8 @@ into place, so a directory named ``checkpoint-*`` is complete. It holds:
 - the model, as the run saves it (``save_pretrained``: weights, config, tokenizer);
 - ``training_state.pt``: step, optimizer, scheduler, the metrics window not yet logged, skip count;
 - ``rng_state_RANK.pt``: Python, NumPy, torch and CUDA generator states, one file per process;
+- under DeepSpeed only, the engine's own checkpoint (``global_stepSTEP/`` with one ZeRO optimizer
+  partition per process, ``latest``, ``zero_to_fp32.py``), written by every process;
 - ``checkpoint.json``: a manifest written last: the step, the size and SHA-256 of every file, and the
   fingerprint of the tokenized training data (``data.fingerprint``). Discovery checks the sizes
   (cheap: a truncated copy, a half-finished delete); resuming and the non-finite guard also check
@@ -14,9 +16,11 @@ into place, so a directory named ``checkpoint-*`` is complete. It holds:
 
 The data order is a pure function of ``(seed, epoch)`` (``data_order.Schedule``), so restoring the step
 restores the position in the data. Assumptions for several processes: every process sees the same
-``output_dir`` (a shared file system), and the optimizer state is saved whole: under plain DDP the main
-process holds all of it; under FSDP2 every process takes part in gathering the full state (and, on
-restore, loads its shard of it), so a checkpoint does not depend on the process count.
+``output_dir`` (a shared file system). Under plain DDP the main process holds the whole optimizer state;
+under FSDP2 every process takes part in gathering the full state (and, on restore, loads its shard of
+it), so those checkpoints do not depend on the process count. Under DeepSpeed ZeRO each process saves
+and restores its own partition, so a ZeRO checkpoint resumes with the process count that wrote it
+(``preflight.check_resume_engine``).
 """
 
 from __future__ import annotations
@@ -259,12 +263,18 @@ def save(trainer) -> Path:
         torch.save(rng_state(), tmp_dir / f"rng_state_{acc.process_index}.pt")
     state_dict = trainer.gather_model_state()  # a collective under FSDP / ZeRO-3: every process calls it
     optimizer_state = trainer.gather_optimizer_state()  # a collective under FSDP2 (None: not sharded)
+    # Under DeepSpeed every process writes its ZeRO partition. DeepSpeed's save_checkpoint holds
+    # collectives of its own, so it cannot sit in a `together` block: a process whose write fails says so
+    # in one line and exits, and the launcher ends the others waiting in DeepSpeed's barrier.
+    with write_errors(trainer.output_dir, what, cleanup=tmp_dir):
+        trainer.save_engine_state(tmp_dir)
     with together(acc), write_errors(trainer.output_dir, what, cleanup=tmp_dir):
         if acc.is_main_process:
             trainer.save_model(tmp_dir, state_dict)
             torch.save(trainer.state_dict(optimizer_state), tmp_dir / STATE_FILE)
             test_hook("save", step)
-            write_manifest(tmp_dir, step, {"data_fingerprint": getattr(trainer, "data_fingerprint", None)})
+            write_manifest(tmp_dir, step, {"data_fingerprint": getattr(trainer, "data_fingerprint", None),
+                                           "engine": engine_of(acc), "num_processes": acc.num_processes})
             replace_dir(tmp_dir, final_dir)
             prune_checkpoints(trainer.output_dir, trainer.cfg.save_total_limit)
             if run_dir is not None:
@@ -438,12 +448,15 @@ def restore(trainer, directory: str | Path) -> int:
     directory = Path(directory)
     acc = trainer.accelerator
     state = read_training_state(directory)
-    if engine_of(acc) == "fsdp2":
+    engine = engine_of(acc)
+    saved_procs = int(state.get("num_processes", acc.num_processes))
+    if engine == "deepspeed":  # preflight.check_resume_engine made sure the checkpoint has the partitions
+        trainer.load_engine_state(directory, state["deepspeed_tag"])  # weights and this process's partition
+    elif engine == "fsdp2":
         trainer.load_model_state(read_model_weights(directory))  # every process loads its shard
     else:
         load_model_weights(trainer.unwrapped_model(), directory)
     trainer.load_state_dict(state)
-    saved_procs = int(state.get("num_processes", acc.num_processes))
     rng = read_rng_state(directory, acc.process_index) or read_rng_state(directory, 0)
     if rng is not None:
         set_rng_state(rng)

@@ -154,6 +154,46 @@ def plan_run(cfg) -> RunPlan:
     return RunPlan(overwrite=occupied)
 
 
+def agree_on_plan(plan: RunPlan, accelerator) -> RunPlan:
+    """The main process's plan, on every process. Each process makes its plan from what it sees on
+    disk; a file system that shows the processes different things (a lagging network mount, a file
+    damaged between two reads) could make them pick different checkpoints, and each would then restore
+    its own step: a silently mixed state. So the main process's choice is sent to all of them."""
+    if accelerator.num_processes <= 1:
+        return plan
+    from accelerate.utils import broadcast_object_list
+
+    message = [(str(plan.resume_from) if plan.resume_from is not None else None, plan.overwrite)]
+    broadcast_object_list(message, from_process=0)
+    resume_from, overwrite = message[0]
+    return RunPlan(resume_from=Path(resume_from) if resume_from is not None else None, overwrite=overwrite)
+
+
+def check_resume_engine(plan: RunPlan, engine: str, num_processes: int) -> None:
+    """The checkpoint to resume must hold optimizer state this engine can load. DeepSpeed ZeRO keeps
+    one partition per process in the engine's own files (``global_stepSTEP/``), which load only with
+    as many processes as wrote them; the other engines keep one whole state in ``training_state.pt``.
+    Checked from the manifest before anything is written."""
+    if plan.resume_from is None:
+        return
+    try:
+        manifest = read_manifest(plan.resume_from)
+    except (OSError, ValueError):
+        return  # verified when the plan was made
+    saved, saved_procs = manifest.get("engine"), manifest.get("num_processes")
+    if engine == "deepspeed" and saved != "deepspeed":
+        writer = f"under {saved}" if saved else "by an earlier prefopt, which kept only the main process's partition"
+        raise ConfigError(f"{plan.resume_from} holds no per-process DeepSpeed ZeRO optimizer partitions (written "
+                          f"{writer}); resume it with the engine that wrote it, or start over with "
+                          "--overwrite_output_dir")
+    if engine != "deepspeed" and saved == "deepspeed":
+        raise ConfigError(f"{plan.resume_from} was written under DeepSpeed ZeRO by {saved_procs} processes (one "
+                          f"optimizer partition per process): resume it under DeepSpeed with {saved_procs} processes")
+    if engine == "deepspeed" and saved_procs != num_processes:
+        raise ConfigError(f"{plan.resume_from} was written by {saved_procs} DeepSpeed processes (one ZeRO optimizer "
+                          f"partition per process): resume it with {saved_procs} processes, not {num_processes}")
+
+
 def _main_process() -> bool:
     return os.environ.get("RANK", "0") == "0"  # before the accelerator exists: torchrun / accelerate's variable
 

@@ -7,7 +7,8 @@ position is fully described by the optimizer step, which is what makes checkpoin
 
 Its public surface is what checkpointing (``checkpoint.save``/``restore``) and the non-finite guard
 (``guard.check_step``) use: ``state_dict``/``load_state_dict`` (step, optimizer, scheduler, the
-unlogged metrics window, skip count), ``gather_model_state``/``save_model``, ``all_reduce_sum``.
+unlogged metrics window, skip count), ``gather_model_state``/``save_model``, ``save_engine_state``/
+``load_engine_state`` (DeepSpeed's per-process ZeRO partitions), ``all_reduce_sum``.
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from tqdm.auto import tqdm
 
 from prefopt.data.collate import to_device
 from prefopt.data.fingerprint import data_fingerprint as fingerprint_of_pairs
@@ -34,6 +34,7 @@ from prefopt.errors import PrefoptError, RunInterrupted
 from prefopt.io import simulate_full_disk
 from prefopt.memory import transient_heap
 from prefopt.modeling.lm_head import accumulate_tied_grad_in_place
+from prefopt.progress import progress_bar
 from prefopt.training.checkpoint import TMP_PREFIX, fsync_tree, test_hook, write_errors
 from prefopt.training.checkpoint import save as save_checkpoint
 from prefopt.training.data_order import Schedule
@@ -200,7 +201,7 @@ class Trainer:
         pairs = 0
         starts = range(0, n, b * acc.num_processes)
         # Its own bar (left behind when done), so a long evaluation is never a frozen training bar.
-        bar = tqdm(starts, desc=f"eval {n} pairs", unit="batch", dynamic_ncols=True, leave=False,
+        bar = progress_bar(starts, desc=f"eval {n} pairs", unit="batch", dynamic_ncols=True, leave=False,
                    disable=not (acc.is_main_process and self.cfg.progress_bar))
         # Each process scores a contiguous stripe of every global eval batch; nothing is dropped.
         for start in bar:
@@ -238,7 +239,7 @@ class Trainer:
         began = time.perf_counter()
         with together(acc):  # a tracker that cannot start (main process only) stops every process
             self.logger.start(cfg.to_dict() if hasattr(cfg, "to_dict") else None)
-        bar = tqdm(
+        bar = progress_bar(
             total=self.total_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True,
             disable=not (acc.is_main_process and cfg.progress_bar),
         )
@@ -252,7 +253,6 @@ class Trainer:
                 window["sums"][k] += v
             window["pairs"] += pairs
             window["tokens"] += tokens
-            bar.update(1)
             if self.step % cfg.logging_steps == 0 or self.step == self.total_steps:
                 reduced, total_pairs = self.all_reduce_sum(dict(window["sums"]), window["pairs"])
                 total_tokens = self.all_reduce_sum({"tokens": window["tokens"]}, 0)[0]["tokens"]
@@ -270,6 +270,7 @@ class Trainer:
                 bar.set_postfix(loss=f"{row.get('loss', float('nan')):.4f}", acc=f"{row.get('rewards/accuracies', row.get('accuracy', float('nan'))):.2f}")
                 window.update(sums=defaultdict(float), pairs=0, tokens=0)
                 window_start = time.perf_counter()
+            bar.update(1)  # after the postfix: a log line (progress.LineProgress) shows this step's loss
             paused = time.perf_counter()
             if cfg.eval_steps > 0 and self.step % cfg.eval_steps == 0 and self.step < self.total_steps:
                 self.log_eval()
@@ -337,9 +338,15 @@ class Trainer:
         """Everything but the model and the RNGs that a resumed run needs to continue exactly.
         ``optimizer_state``: the full state from ``gather_optimizer_state`` when it is sharded."""
         window = self.window
+        deepspeed = engine_of(self.accelerator) == "deepspeed"
+        if deepspeed:  # each process's ZeRO partition is in the engine's own files (save_engine_state)
+            optimizer_state = None
+        elif optimizer_state is None:
+            optimizer_state = self.optimizer.state_dict()
         return {
             "step": self.step,
-            "optimizer": optimizer_state if optimizer_state is not None else self.optimizer.state_dict(),
+            "optimizer": optimizer_state,
+            "deepspeed_tag": self.engine_tag if deepspeed else None,
             "scheduler": self.scheduler.state_dict(),
             "window": {"sums": dict(window["sums"]), "pairs": window["pairs"], "tokens": window["tokens"]},
             "skipped_steps": self.skipped_steps,
@@ -347,7 +354,12 @@ class Trainer:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if engine_of(self.accelerator) == "fsdp2":
+        """Everything ``state_dict`` saved. Under DeepSpeed the optimizer is not in ``state``: it was
+        restored with the weights by ``load_engine_state``."""
+        engine = engine_of(self.accelerator)
+        if engine == "deepspeed":
+            pass
+        elif engine == "fsdp2":
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
             # The full state, keyed by parameter name; each process keeps its own shard of it.
@@ -363,6 +375,30 @@ class Trainer:
         window = state.get("window")
         if window is not None:
             self.window.update(sums=defaultdict(float, window["sums"]), pairs=window["pairs"], tokens=window["tokens"])
+
+    @property
+    def engine_tag(self) -> str:
+        """The folder DeepSpeed's own checkpoint of this step goes in (Hugging Face Trainer's name)."""
+        return f"global_step{self.step}"
+
+    def save_engine_state(self, directory: Path) -> None:
+        """Under DeepSpeed, every process writes its ZeRO partition of the optimizer (fp32 master
+        weights and moments; under ZeRO-3 the weights' partition too) with the engine's own
+        ``save_checkpoint`` into ``directory/global_stepSTEP/``, beside the ``latest`` and
+        ``zero_to_fp32.py`` files DeepSpeed users know. A collective: every process calls it. No-op
+        for the other engines, whose optimizer state goes into ``training_state.pt``."""
+        if engine_of(self.accelerator) != "deepspeed":
+            return
+        self.model.save_checkpoint(str(directory), tag=self.engine_tag, client_state={}, save_latest=True)
+
+    def load_engine_state(self, directory: Path, tag: str) -> None:
+        """Under DeepSpeed: each process loads its own ZeRO partition (and the weights) from the
+        engine's files in ``directory/tag``. The checkpoint must come from as many processes: ZeRO
+        partitions are per process."""
+        load_path, _ = self.model.load_checkpoint(str(directory), tag=tag, load_module_strict=True,
+                                                  load_optimizer_states=True, load_lr_scheduler_states=False)
+        if load_path is None:
+            raise PrefoptError(f"{directory / tag}: DeepSpeed could not load this checkpoint")
 
     def unwrapped_model(self) -> torch.nn.Module:
         return self.accelerator.unwrap_model(self.model)
