@@ -23,9 +23,13 @@ import tempfile
 import time
 from pathlib import Path
 
+try:  # run as a script (benchmarks/ on sys.path) or imported as benchmarks.*
+    from doc_sections import put_section
+except ImportError:
+    from benchmarks.doc_sections import put_section
+
 ROOT = Path(__file__).resolve().parents[1]
 SECTION = "## `prefopt online`: peak memory against `prefopt train`"
-DATA_SECTION = "<!-- bench_data.py: everything below"  # bench_data.py's mark
 # Runs a prefopt command in this process and reports its peak RSS (KiB on Linux) on the last stderr line.
 RUNNER = ("import resource, sys, torch; torch.set_num_threads(1); from prefopt.cli.main import main; "
           "rc = main(sys.argv[1:]); "
@@ -99,19 +103,7 @@ def main() -> int:
     print(report)
     if not args.no_write:
         path = Path(args.output)
-        text = path.read_text(encoding="utf-8") if path.is_file() else ""
-        # Replaced where it stands, or put before bench_data.py's section, which that script
-        # rewrites to the end of the file.
-        if SECTION in text:
-            before, _, rest = text.partition(SECTION)
-            nxt = rest.find("\n## ")
-            after = rest[nxt + 1:] if nxt >= 0 else ""
-        elif DATA_SECTION in text:
-            before, after = text[: text.index(DATA_SECTION)], text[text.index(DATA_SECTION):]
-        else:
-            before, after = text, ""
-        text = before.rstrip("\n") + "\n\n" + report + ("\n" + after if after else "")
-        path.write_text(text, encoding="utf-8")
+        put_section(path, SECTION, report)
         print(f"wrote {path}", file=sys.stderr)
     return 0
 

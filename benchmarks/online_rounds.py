@@ -24,6 +24,11 @@ import tempfile
 import time
 from pathlib import Path
 
+try:  # run as a script (benchmarks/ on sys.path) or imported as benchmarks.*
+    from doc_sections import put_section
+except ImportError:
+    from benchmarks.doc_sections import put_section
+
 ROOT = Path(__file__).resolve().parents[1]
 SECTION = "## `prefopt online`: time per round by stage"
 
@@ -126,14 +131,7 @@ def main() -> int:
     print(report)
     if not args.no_write:
         path = Path(args.output)
-        text = path.read_text(encoding="utf-8") if path.is_file() else ""
-        # This script's section goes last, after bench_dpo.py's "## GPU check" heading, from which on
-        # bench_dpo.py keeps the file when it rewrites its table.
-        if SECTION in text:
-            before, _, rest = text.partition(SECTION)
-            nxt = rest.find("\n## ")
-            text = before.rstrip("\n") + ("\n\n" + rest[nxt + 1:] if nxt >= 0 else "")
-        path.write_text(text.rstrip("\n") + "\n\n" + report, encoding="utf-8")
+        put_section(path, SECTION, report)
         print(f"wrote {path}", file=sys.stderr)
     return 0
 
