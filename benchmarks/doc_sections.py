@@ -6,6 +6,7 @@ benchmark's section is replaced where it stands, or put just before that mark wh
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 DATA_MARK = "<!-- bench_data.py: everything below"
@@ -25,3 +26,11 @@ def put_section(path: Path, heading: str, report: str) -> None:
     head = before.rstrip("\n") + "\n\n" if before.strip() else ""
     text = head + report.rstrip("\n") + "\n" + ("\n" + after if after else "")
     path.write_text(text, encoding="utf-8")
+
+
+def publish(report: str, heading: str, path: Path, write: bool = True) -> None:
+    """Print a benchmark's report and, unless ``write`` is false, put it into ``path`` as its section."""
+    print(report)
+    if write:
+        put_section(path, heading, report)
+        print(f"wrote {path}", file=sys.stderr)

@@ -24,9 +24,9 @@ import time
 from pathlib import Path
 
 try:  # run as a script (benchmarks/ on sys.path) or imported as benchmarks.*
-    from doc_sections import put_section
+    from doc_sections import publish
 except ImportError:
-    from benchmarks.doc_sections import put_section
+    from benchmarks.doc_sections import publish
 
 ROOT = Path(__file__).resolve().parents[1]
 SECTION = "## `prefopt online`: peak memory against `prefopt train`"
@@ -100,11 +100,7 @@ def main() -> int:
         lines.append(f"| {label} | {weights:.1f} | {online_mb:.0f} | {train_mb:.0f} | {online_mb - train_mb:+.0f} | "
                      f"{online_mb / train_mb:.2f} |")
     report = "\n".join(lines) + "\n"
-    print(report)
-    if not args.no_write:
-        path = Path(args.output)
-        put_section(path, SECTION, report)
-        print(f"wrote {path}", file=sys.stderr)
+    publish(report, SECTION, Path(args.output), write=not args.no_write)
     return 0
 
 

@@ -25,9 +25,9 @@ import time
 from pathlib import Path
 
 try:  # run as a script (benchmarks/ on sys.path) or imported as benchmarks.*
-    from doc_sections import put_section
+    from doc_sections import publish
 except ImportError:
-    from benchmarks.doc_sections import put_section
+    from benchmarks.doc_sections import publish
 
 ROOT = Path(__file__).resolve().parents[1]
 SECTION = "## `prefopt online`: time per round by stage"
@@ -128,11 +128,7 @@ def main() -> int:
                      f"{mean['time/kl']:.2f} | {mean['time/train']:.2f} | {total:.2f} | "
                      f"{slowest.split('/')[1]} ({mean[slowest] / total:.0%}) | {wall:.1f} |")
     report = "\n".join(lines) + "\n"
-    print(report)
-    if not args.no_write:
-        path = Path(args.output)
-        put_section(path, SECTION, report)
-        print(f"wrote {path}", file=sys.stderr)
+    publish(report, SECTION, Path(args.output), write=not args.no_write)
     return 0
 
 
