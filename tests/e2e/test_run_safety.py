@@ -317,12 +317,13 @@ def test_signal_after_a_step_checkpoints_and_the_resumed_run_equals_the_uninterr
     so the run writes checkpoint-1 itself; resumed, it ends where the uninterrupted run did."""
     out = tmp_path / "run"
     monkeypatch.setenv("PREFOPT_TEST_KILL", f"{signal_name}:1")
+    handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)  # pytest-xdist workers ignore SIGINT
     assert main(train_argv(tiny_llama, data, out)) == code
     err = capsys.readouterr().err
     assert "Traceback" not in err
     assert f"stopped by SIG{signal_name.upper()} after step 1 of 4; checkpoint {out / 'checkpoint-1'} written" in err
     assert [p.name for p in list_checkpoints(out)] == ["checkpoint-1"] and not (out / "model.safetensors").exists()
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers put back
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers  # put back
     monkeypatch.delenv("PREFOPT_TEST_KILL")
     assert main(train_argv(tiny_llama, data, out, "--resume")) == 0
     a, b = load_file(earlier_run / "model.safetensors"), load_file(out / "model.safetensors")
