@@ -55,7 +55,7 @@ from prefopt.training.preflight import (
     check_resume_engine,
     plan_run,
 )
-from prefopt.training.run_dir import RunDirectory, contents
+from prefopt.training.run_dir import RunDirectory, abandon, contents, guarded
 from prefopt.training.run_lock import RunLock
 from prefopt.training.trainer import Trainer
 
@@ -130,10 +130,7 @@ def start_output_dir(cfg: TrainConfig, plan: RunPlan, summaries: dict, accelerat
                     save_config(cfg, output_dir / "config.yaml")
                     write_text_atomic(output_dir / "data_summary.json", json.dumps(summaries, indent=2) + "\n")
             except BaseException:
-                if run_dir is not None:
-                    run_dir.abort()  # an earlier run moved aside comes back
-                if lock is not None:
-                    lock.release()
+                abandon(run_dir, lock)
                 raise
     return run_dir, lock
 
@@ -147,17 +144,10 @@ def _run(cfg: TrainConfig, plan: RunPlan, accelerator, *, model, train_pairs, ev
                       objective=objective, save_model=save_model, accelerator=accelerator)
     run_dir, lock = start_output_dir(cfg, plan, summaries, accelerator)
     trainer.run_dir = run_dir
-    try:
+    with guarded(run_dir, lock):
         if plan.resume_from is not None:
             restore(trainer, plan.resume_from)
         return trainer.train(), trainer
-    except BaseException:
-        if run_dir is not None:
-            run_dir.abort()
-        raise
-    finally:
-        if lock is not None:
-            lock.release()
 
 
 def finish_run(cfg: TrainConfig, trainer: Trainer, final: dict[str, Any], summaries: dict, *, kind: str,

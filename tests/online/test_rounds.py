@@ -168,3 +168,28 @@ def test_the_example_config_is_a_valid_online_config():
 
     cfg = build_config(TrainConfig, Path(__file__).resolve().parents[2] / "examples" / "online.yaml")
     assert cfg.validate_online().loss_type == "odpo" and cfg.samples_per_prompt == 4
+
+
+@pytest.mark.slow
+def test_a_full_disk_while_starting_over_an_earlier_run_puts_that_run_back(capsys, tiny_llama, easy_data, tmp_path,
+                                                                           monkeypatch):
+    """--overwrite_output_dir moves the earlier run aside before config.yaml is written; a failure
+    there (a full disk) must bring the earlier run back byte for byte, as `prefopt train` does."""
+    from tests.tree_snapshot import snapshot
+
+    out = tmp_path / "run"
+    run_online(_cfg(tiny_llama, easy_data["train"], out), progress=False)
+    before = snapshot(out)
+    capsys.readouterr()  # the first run's output
+    monkeypatch.setenv("PREFOPT_TEST_ENOSPC", "config")
+    from prefopt.cli.main import main
+
+    assert main(["online", "--model_name_or_path", str(tiny_llama), "--prompts", str(easy_data["train"]),
+                 "--scorer", SCORER, "--rounds", "1", "--prompts_per_round", "8", "--samples_per_prompt", "4",
+                 "--max_new_tokens", "8", "--report_to", "none", "--output_dir", str(out),
+                 "--overwrite_output_dir"]) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("prefopt: error: ")]
+    assert len(errors) == 1 and "disk full" in errors[0] and "config.yaml" in errors[0], err
+    assert "Traceback" not in err and f"the earlier run in {out} was restored" in err
+    assert snapshot(out) == before

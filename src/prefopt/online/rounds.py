@@ -57,7 +57,7 @@ from prefopt.modeling.peft import add_lora, is_adapter_dir, merge_adapter, merge
 from prefopt.online.pairing import build_pairs
 from prefopt.online.ranks import Ranks
 from prefopt.recipes import train
-from prefopt.training.checkpoint import latest_checkpoint, test_hook
+from prefopt.training.checkpoint import latest_checkpoint, test_hook, write_errors
 from prefopt.training.distributed import load_dtype, together
 from prefopt.training.metrics import read_metrics
 from prefopt.training.preflight import (
@@ -70,7 +70,9 @@ from prefopt.training.run_dir import (
     PATH_KEYS,
     RunDirectory,
     RunRecord,
+    abandon,
     contents,
+    guarded,
 )
 from prefopt.training.run_lock import RunLock
 
@@ -437,29 +439,24 @@ def run_online(cfg: TrainConfig, *, progress: bool = True) -> list[dict[str, Any
             print(f"prefopt online: resuming the run in {out}", file=sys.stderr)
         out.mkdir(parents=True, exist_ok=True)
         lock = RunLock(out).acquire()
+        run_dir = None
         try:
-            run_dir = RunDirectory(out)
-            run_dir.begin(overwrite=overwrite, resume=resuming)
-            run_dir.wrote(*ONLINE_NAMES)
-            save_config(cfg, out / "config.yaml")
+            with write_errors(out, "the run's files (config.yaml, the run record)"):
+                run_dir = RunDirectory(out)
+                run_dir.begin(overwrite=overwrite, resume=resuming)
+                run_dir.wrote(*ONLINE_NAMES)
+                save_config(cfg, out / "config.yaml")
         except BaseException:
-            lock.release()
+            abandon(run_dir, lock)  # as in train: an earlier run moved aside comes back
             raise
         return lock, run_dir
 
     lock, run_dir = ranks.on_main(start) or (None, None)
-    try:
+    with guarded(run_dir, lock):
         rows = run.run(run_dir)
         if ranks.is_main:
             _plot(rows, out)
             run_dir.commit()
-    except BaseException:
-        if run_dir is not None:
-            run_dir.abort()
-        raise
-    finally:
-        if lock is not None:
-            lock.release()
     return rows
 
 

@@ -25,11 +25,13 @@ import re
 import shutil
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from prefopt.errors import ConfigError
 from prefopt.io import simulate_full_disk, write_text_atomic
-from prefopt.training.run_lock import LOCK_FILE
+from prefopt.training.run_lock import LOCK_FILE, RunLock
 
 RECORD_FILE = ".prefopt-run.json"
 ASIDE_PREFIX = ".prefopt-old-"
@@ -292,3 +294,24 @@ def move_files(staging: Path, out: Path) -> None:
         os.replace(src, dst)
     if not any(staging.iterdir()):
         staging.rmdir()
+
+
+def abandon(run_dir: RunDirectory | None, lock: RunLock | None) -> None:
+    """A run that failed before its first checkpoint: what it wrote goes, the earlier run it moved
+    aside comes back, then the directory's lock is freed (``None``: not taken yet, or not the main process)."""
+    if run_dir is not None:
+        run_dir.abort()
+    if lock is not None:
+        lock.release()
+
+
+@contextmanager
+def guarded(run_dir: RunDirectory | None, lock: RunLock | None) -> Iterator[None]:
+    """The body of a started run: abandoned if it fails, the lock freed when it ends either way."""
+    try:
+        yield
+    except BaseException:
+        abandon(run_dir, lock)
+        raise
+    if lock is not None:
+        lock.release()
