@@ -16,12 +16,13 @@ from pathlib import Path
 import pytest
 
 import prefopt.data.prepare as prep
+import prefopt.data.store as store_mod
 from prefopt.config import TrainConfig
 from prefopt.data.fingerprint import COLUMNS_PREFIX, columns_fingerprint, data_fingerprint, same_data
 from prefopt.data.formats import Columns, load_pairs
 from prefopt.data.layouts import choose_layout, estimate_costs
 from prefopt.data.prepare import apply_score_policy, prepare_dataset
-from prefopt.data.store import MANIFEST, PAIRS_FILE, PairStore
+from prefopt.data.store import LENGTHS_FILE, MANIFEST, PAIRS_FILE, PairStore
 from prefopt.data.tokenize import tokenize_pairs
 from prefopt.errors import DataError
 from prefopt.toy import word_tokenizer, write_jsonl
@@ -102,6 +103,7 @@ def old_path(cfg: TrainConfig, path: Path, tok, score_policy: bool = True):
 @pytest.fixture
 def small_chunks(monkeypatch):
     monkeypatch.setattr(prep, "CHUNK_ROWS", 4)  # 23 rows: six chunks, the last one short
+    monkeypatch.setattr(store_mod, "BATCH_PAIRS", 6)  # record batches of two chunks: several, the last short
 
 
 def cfg_for(tmp_path, **kw) -> TrainConfig:
@@ -252,7 +254,8 @@ def test_no_cache_builds_a_temporary_store_each_time(tmp_path):
     assert s["store"]["cache"] == "off" and list(c) == list(a)
 
 
-@pytest.mark.parametrize("damage", ["truncate", "flip a byte", "no manifest", "garbage manifest"])
+@pytest.mark.parametrize("damage", ["truncate", "flip a byte", "no manifest", "garbage manifest",
+                                    "truncate lengths", "flip a length", "no lengths"])
 def test_a_damaged_store_is_detected_and_rebuilt(damage, tmp_path):
     tok = tokenizer()
     path = write_rows(tmp_path / "d.jsonl", rows_for("explicit"))
@@ -270,10 +273,19 @@ def test_a_damaged_store_is_detected_and_rebuilt(damage, tmp_path):
         pairs.write_bytes(bytes(data))
     elif damage == "no manifest":
         (directory / MANIFEST).unlink()
+    elif damage == "truncate lengths":
+        os.truncate(directory / LENGTHS_FILE, 12 * (len(expected) - 1))
+    elif damage == "flip a length":
+        data = bytearray((directory / LENGTHS_FILE).read_bytes())
+        data[4] ^= 0x01
+        (directory / LENGTHS_FILE).write_bytes(bytes(data))
+    elif damage == "no lengths":
+        (directory / LENGTHS_FILE).unlink()
     else:
         (directory / MANIFEST).write_text("{")
     again, summary = prepare_dataset(cfg, str(path), "train", tok)
     assert summary["store"]["cache"] == "built" and list(again) == expected
+    assert again.lengths()[1].tolist() == [len(p.chosen_ids) for p in expected]
 
 
 def _slow_build_script(path: Path, cache: Path, ready: Path | None, delay: float) -> str:
@@ -283,6 +295,7 @@ def _slow_build_script(path: Path, cache: Path, ready: Path | None, delay: float
 import json, sys, time
 from pathlib import Path
 import prefopt.data.prepare as prep
+import prefopt.data.store as store_mod
 from prefopt.config import TrainConfig
 from prefopt.toy import word_tokenizer
 calls = []
@@ -395,7 +408,7 @@ def test_layout_choice_reads_length_columns_and_agrees_with_the_pairs(tmp_path):
         def _pair(self, i):
             raise AssertionError("a pair was built")
 
-    blind = NoPairs(store.table, source=store.source)
+    blind = NoPairs(store.table, source=store.source, path=store.path)
     assert choose_layout("auto", blind, 4, hidden_size=64) == choose_layout("auto", pairs, 4, hidden_size=64)
 
 
@@ -422,7 +435,6 @@ def test_a_hit_on_large_files_reads_neither_the_data_nor_the_store_again(tmp_pat
     """Above REMEMBER_BYTES (lowered here) the data file's digest is remembered by path, size,
     mtime and inode and the store's checksum is skipped while its mtime is the recorded one: a hit
     costs no pass over gigabytes. Any write to either is noticed."""
-    import prefopt.data.store as store_mod
 
     monkeypatch.setattr(store_mod, "REMEMBER_BYTES", 0)
     hashed = []
@@ -436,7 +448,7 @@ def test_a_hit_on_large_files_reads_neither_the_data_nor_the_store_again(tmp_pat
     assert summary["store"]["cache"] == "built" and "d.jsonl" in hashed
     hashed.clear()
     _, summary = prepare_dataset(cfg, str(path), "train", tok)
-    assert summary["store"]["cache"] == "hit" and hashed == []
+    assert summary["store"]["cache"] == "hit" and hashed == [LENGTHS_FILE]  # 12 bytes a pair: always checked
     # The data file is rewritten (another mtime): hashed again, and a miss.
     write_jsonl(path, rows[:-1])
     st = path.stat()

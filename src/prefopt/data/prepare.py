@@ -18,17 +18,15 @@ from prefopt.data.formats import FORMATS, Columns, LoadStats, check_some_pairs, 
 from prefopt.data.records import PreferencePair
 from prefopt.data.sources import IN_MEMORY, RawRows, iter_row_chunks
 from prefopt.data.store import (
-    PAIRS_FILE,
     PairStore,
     build_temporary,
     cache_root,
     encode_pairs,
     get_or_build,
-    record_batch,
     source_fingerprint,
     store_key,
     tokenizer_fingerprint,
-    write_pairs_file,
+    write_pairs,
 )
 from prefopt.data.tokenize import TokenizeStats, tokenize_pairs
 from prefopt.errors import DataError, PrefoptError
@@ -169,10 +167,10 @@ def _build(cfg, spec, split: str, tokenizer, score_policy: bool, directory: Path
             progress.update(rows_in)
             if len(encoded["index"]):
                 content.update(encoded)
-                yield record_batch(encoded)
+                yield encoded
 
     try:
-        num_pairs = write_pairs_file(directory / PAIRS_FILE, batches())
+        num_pairs = write_pairs(directory, batches())
     finally:
         progress.close()
     check_some_pairs(load)

@@ -7,7 +7,10 @@ A store is one directory ``<data_cache_dir>/<key>/`` holding
   ``chosen_ids``, ``rejected_ids`` (int32 lists, exactly ``TokenizedPair``'s), ``score_chosen``,
   ``score_rejected`` (float64, null without scores), ``index`` (the pair's position in input
   order, as ``tokenize_pairs`` numbers it) and ``row`` (the file's line or row the pair came from);
-- ``manifest.json``, written last: the key's parts, the pair count, the file's size and checksum
+- ``lengths.i32``: every pair's prompt, chosen and rejected token counts (three int32 per pair, in
+  pair order), what length statistics and batch planning read, so they never page in the pairs
+  file;
+- ``manifest.json``, written last: the key's parts, the pair count, both files' sizes and checksums
   and the data summary (printed again on every hit).
 
 The key hashes the data file's bytes, the tokenizer (its whole serialized vocabulary, merges and
@@ -18,6 +21,14 @@ one process builds while the others wait, then they all map the same file. A dir
 final name that fails its checks (missing manifest, wrong size, checksum or pair count) is
 rebuilt. ``PairStore`` reads the mapped columns lazily, so a process holds the batches it works
 on, not the dataset.
+
+Why the file has few, large record batches and a separate lengths file: a page of a memory-mapped
+file counts in a process's RSS once touched, and the kernel maps the pages around every touched one
+too (fault-around, read-around). Opening a stream touches each batch's header, and reading a small
+column (offsets, scores) touches one spot per batch, so with a batch per 1,000 pairs a cache hit on
+1M pairs mapped ~270 MiB for 12 MiB of lengths. Batches of ``BATCH_PAIRS`` pairs, lengths read
+from their own small file with plain reads, and per-pair columns read only where a pair is asked
+for keep what a hit maps to the headers of a few hundred batches.
 """
 
 from __future__ import annotations
@@ -39,10 +50,13 @@ import xxhash
 from prefopt.data.tokenize import TokenizedPair, adds_bos
 from prefopt.errors import PrefoptError
 
-STORE_VERSION = 1
+STORE_VERSION = 2  # 2: large record batches and the lengths file
 PAIRS_FILE = "pairs.arrow"
+LENGTHS_FILE = "lengths.i32"
+BATCH_PAIRS = 4096  # pairs per record batch (the last one fewer): see the module docstring
 MANIFEST = "manifest.json"
 ID_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
+PER_PAIR_COLUMNS = ("score_chosen", "score_rejected", "index", "row")
 SCHEMA = pa.schema([
     *((name, pa.list_(pa.int32())) for name in ID_COLUMNS),
     ("score_chosen", pa.float64()),
@@ -168,24 +182,16 @@ class PairStore(Sequence):
         self.table, self.source, self.row_label = table, source, row_label
         self.fingerprint, self.path, self.index_offset = fingerprint, path, index_offset
         self._content = content
-        self._chunks = []  # per record batch: ({column: (offsets, values)}, first pair)
+        self._chunks = []  # per record batch: {column: (offsets, values)}, views into the map
+        self._per_pair = []  # per record batch: (score_chosen, score_rejected, index, row) arrays, ditto
         starts = [0]
-        batches = table.to_batches()
-        for batch in batches:
-            cols = {}
-            for name in ID_COLUMNS:
-                arr = batch.column(name)
-                cols[name] = (_numpy(arr.offsets), _numpy(arr.values))
-            self._chunks.append(cols)
+        for batch in table.to_batches():
+            self._chunks.append({name: (_numpy(batch.column(name).offsets), _numpy(batch.column(name).values))
+                                 for name in ID_COLUMNS})
+            # Views only: a page of these is touched when a pair on it is asked for, not at open.
+            self._per_pair.append(tuple(batch.column(name) for name in PER_PAIR_COLUMNS))
             starts.append(starts[-1] + batch.num_rows)
         self._starts = np.asarray(starts, dtype=np.int64)
-
-        def column(name: str, dtype) -> np.ndarray:
-            parts = [_numpy(b.column(name)) for b in batches]
-            return np.concatenate(parts).astype(dtype, copy=False) if parts else np.zeros(0, dtype=dtype)
-
-        self._scores = (column("score_chosen", np.float64), column("score_rejected", np.float64))
-        self._index, self._row = column("index", np.int64), column("row", np.int64)
 
     @classmethod
     def open(cls, path: Path, *, source: str, row_label: str = "row", fingerprint: str | None = None,
@@ -218,9 +224,8 @@ class PairStore(Sequence):
         for name in ID_COLUMNS:
             offsets, values = self._chunks[c][name]
             ids.append(values[offsets[j]:offsets[j + 1]].tolist())
-        sc, sr = float(self._scores[0][i]), float(self._scores[1][i])
-        return TokenizedPair(ids[0], ids[1], ids[2], None if np.isnan(sc) else sc, None if np.isnan(sr) else sr,
-                             int(self._index[i]) + self.index_offset, int(self._row[i]))
+        sc, sr, index, row = (column[j].as_py() for column in self._per_pair[c])
+        return TokenizedPair(ids[0], ids[1], ids[2], sc, sr, index + self.index_offset, row)
 
     def __getitem__(self, i):
         if isinstance(i, slice):
@@ -237,20 +242,22 @@ class PairStore(Sequence):
             yield self._pair(i)
 
     def lengths(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Token counts of every pair's prompt, chosen and rejected response, from the offsets."""
-        out = []
-        for name in ID_COLUMNS:
-            parts = [np.diff(chunk[name][0]) for chunk in self._chunks]
-            out.append(np.concatenate(parts) if parts else np.zeros(0, dtype=np.int32))
-        return out[0], out[1], out[2]
+        """Token counts of every pair's prompt, chosen and rejected response, read from the
+        lengths file with plain reads: no page of the pairs file is touched."""
+        table = np.fromfile(self.path / LENGTHS_FILE, dtype=np.int32).reshape(-1, len(ID_COLUMNS))
+        return table[:, 0], table[:, 1], table[:, 2]
+
+    def _column(self, k: int, dtype) -> np.ndarray:
+        parts = [_numpy(columns[k]) for columns in self._per_pair]
+        return np.concatenate(parts).astype(dtype, copy=False) if parts else np.zeros(0, dtype=dtype)
 
     def indices(self) -> np.ndarray:
         """Every pair's ``index``."""
-        return self._index + self.index_offset
+        return self._column(2, np.int64) + self.index_offset
 
     def scores(self) -> tuple[np.ndarray, np.ndarray]:
         """``score_chosen`` and ``score_rejected`` of every pair (NaN where a pair has none)."""
-        return self._scores
+        return self._column(0, np.float64), self._column(1, np.float64)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -314,13 +321,37 @@ def encode_pairs(pairs: list[TokenizedPair], index_offset: int = 0) -> dict[str,
     return out
 
 
-def write_pairs_file(path: Path, batches: Iterable[pa.RecordBatch]) -> int:
-    """Write the batches as one Arrow stream; returns the pair count."""
-    n = 0
-    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, SCHEMA) as writer:
-        for batch in batches:
-            writer.write_batch(batch)
-            n += batch.num_rows
+def concat_encoded(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """``encode_pairs``' arrays of consecutive chunks as one."""
+    return parts[0] if len(parts) == 1 else {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
+
+
+def write_pairs(directory: Path, chunks: Iterable[dict[str, np.ndarray]], batch_pairs: int | None = None) -> int:
+    """Write ``encode_pairs``' arrays, chunk after chunk, as the pairs file (record batches of at
+    least ``batch_pairs`` pairs, default ``BATCH_PAIRS``, but the last) and the lengths file;
+    returns the pair count."""
+    batch_pairs = batch_pairs or BATCH_PAIRS
+    n, pending, pending_pairs = 0, [], 0
+    with (pa.OSFile(str(directory / PAIRS_FILE), "wb") as sink, pa.ipc.new_stream(sink, SCHEMA) as writer,
+          (directory / LENGTHS_FILE).open("wb") as lengths):
+
+        def flush() -> None:
+            nonlocal n, pending, pending_pairs
+            encoded = concat_encoded(pending)
+            pending, pending_pairs = [], 0
+            writer.write_batch(record_batch(encoded))
+            table = np.stack([encoded[f"{name}_lengths"] for name in ID_COLUMNS], axis=1).astype(np.int32)
+            lengths.write(table.tobytes())
+            n += len(table)
+
+        for encoded in chunks:
+            if len(encoded["index"]):
+                pending.append(encoded)
+                pending_pairs += len(encoded["index"])
+                if pending_pairs >= batch_pairs:
+                    flush()
+        if pending:
+            flush()
     return n
 
 
@@ -331,13 +362,15 @@ def _checksum(path: Path) -> str:
 
 
 def _finish(directory: Path, num_pairs: int, manifest: dict[str, Any]) -> dict[str, Any]:
-    """Write the manifest (the completion marker) once the pairs file is complete and synced."""
-    pairs = directory / PAIRS_FILE
-    with pairs.open("rb") as fh:
-        os.fsync(fh.fileno())
+    """Write the manifest (the completion marker) once the pairs and lengths files are complete
+    and synced."""
+    pairs, lengths = directory / PAIRS_FILE, directory / LENGTHS_FILE
+    for path in (pairs, lengths):
+        with path.open("rb") as fh:
+            os.fsync(fh.fileno())
     st = pairs.stat()
     manifest = {**manifest, "version": STORE_VERSION, "num_pairs": num_pairs, "bytes": st.st_size,
-                "mtime_ns": st.st_mtime_ns, "checksum": _checksum(pairs),
+                "mtime_ns": st.st_mtime_ns, "checksum": _checksum(pairs), "lengths_checksum": _checksum(lengths),
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     tmp = directory / (MANIFEST + ".tmp")
     tmp.write_text(json.dumps(manifest, indent=2) + "\n")
@@ -347,17 +380,22 @@ def _finish(directory: Path, num_pairs: int, manifest: dict[str, Any]) -> dict[s
 
 def read_manifest(directory: Path, *, verify: bool = True) -> dict[str, Any] | None:
     """The manifest of a complete, intact store, else ``None`` (missing, half-written or damaged:
-    the pairs file's size, checksum and pair count must match the manifest). The checksum is
-    skipped for a large file whose modification time is still the one recorded at the build (it
-    has not been written since, see ``REMEMBER_BYTES``): a hit on a multi-GB store stays fast."""
+    the pairs file's size, checksum and pair count and the lengths file's size and checksum must
+    match the manifest). The pairs file's checksum is skipped when it is large and its modification
+    time is still the one recorded at the build (it has not been written since, see
+    ``REMEMBER_BYTES``): a hit on a multi-GB store stays fast."""
     try:
         manifest = json.loads((directory / MANIFEST).read_text())
-        pairs = directory / PAIRS_FILE
+        pairs, lengths = directory / PAIRS_FILE, directory / LENGTHS_FILE
         st = pairs.stat()
         if manifest.get("version") != STORE_VERSION or st.st_size != manifest["bytes"]:
             return None
+        if lengths.stat().st_size != 4 * len(ID_COLUMNS) * manifest["num_pairs"]:
+            return None
         unchanged = st.st_size >= REMEMBER_BYTES and st.st_mtime_ns == manifest.get("mtime_ns")
         if verify and not unchanged and _checksum(pairs) != manifest["checksum"]:
+            return None
+        if verify and _checksum(lengths) != manifest["lengths_checksum"]:
             return None
         with pa.memory_map(str(pairs), "r") as fh:
             if pa.ipc.open_stream(fh).read_all().num_rows != manifest["num_pairs"]:
@@ -371,7 +409,7 @@ def read_manifest(directory: Path, *, verify: bool = True) -> dict[str, Any] | N
 # Get or build
 
 
-Builder = Callable[[Path], tuple[int, dict[str, Any]]]  # writes PAIRS_FILE into a directory -> (pairs, manifest)
+Builder = Callable[[Path], tuple[int, dict[str, Any]]]  # writes the store's files into a directory -> (pairs, manifest)
 
 
 def get_or_build(root: Path, key: str, build: Builder) -> tuple[Path, dict[str, Any], bool]:
