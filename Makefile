@@ -2,7 +2,8 @@
 # quick start. TORCH_SPEC is the torch requirement; the default is the CPU build pinned for the
 # project's 2-core CI machines. Elsewhere: `make install TORCH_SPEC=torch` (or your CUDA build).
 # `make install`/`make test` install the versions in constraints.txt (what the suite last passed
-# with, so CI is reproducible); `make test-latest` installs whatever PyPI gives today instead.
+# with, so CI is reproducible), with the dev and deepspeed extras (the DeepSpeed ZeRO tests run on CPU
+# in the suite); `make test-latest` installs whatever PyPI gives today instead.
 PYTHON ?= python3
 VENV ?= .venv
 LATEST_VENV ?= .venv-latest
@@ -21,7 +22,7 @@ $(BIN)/prefopt: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH_SPEC)"
-	$(BIN)/pip install -q -c constraints.txt -e ".[dev]"
+	$(BIN)/pip install -q -c constraints.txt -e ".[dev,deepspeed]"
 	touch $(BIN)/prefopt
 
 install: $(BIN)/prefopt
@@ -37,19 +38,16 @@ test: install
 test-fast: install
 	$(BIN)/python -m pytest tests -m "not slow" $(XDIST) $(PYTEST_ARGS)
 
-# The DeepSpeed ZeRO tests, which `make test` skips (deepspeed is not in the dev extra: it would make the
-# suite minutes longer; docs/reliability.md, "DeepSpeed tests"). Installs deepspeed into $(VENV), so a
-# later `make test` there runs them too.
+# The DeepSpeed ZeRO tests alone (`make test` runs them too; the install includes the deepspeed extra).
 test-deepspeed: install
-	$(BIN)/pip install -q -c constraints.txt -e ".[dev,deepspeed]"
-	$(BIN)/python -m pytest tests/training/test_distributed.py -k deepspeed -rs $(PYTEST_ARGS)
+	$(BIN)/python -m pytest tests/training/test_deepspeed.py -rs $(PYTEST_ARGS)
 
 # Today's PyPI versions (torch still from TORCH_SPEC), in a separate environment.
 test-latest:
 	$(PYTHON) -m venv $(LATEST_VENV)
 	$(LATEST_BIN)/pip install -q --upgrade pip
 	$(LATEST_BIN)/pip install -q "$(TORCH_SPEC)"
-	$(LATEST_BIN)/pip install -q --upgrade --upgrade-strategy eager -e ".[dev]"
+	$(LATEST_BIN)/pip install -q --upgrade --upgrade-strategy eager -e ".[dev,deepspeed]"
 	$(LATEST_BIN)/pip list 2>/dev/null | grep -iE "^(transformers|accelerate|peft|datasets|tokenizers|torch) "
 	$(LATEST_BIN)/ruff check src tests benchmarks
 	$(LATEST_BIN)/python -m pytest tests $(XDIST) $(PYTEST_ARGS)

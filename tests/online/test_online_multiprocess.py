@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from prefopt.online.rounds import run_online
 from tests.online.test_rounds import _cfg
-from tests.training.test_distributed import torchrun
+from tests.training.launch import torchrun
 
 pytest.importorskip("peft")
 

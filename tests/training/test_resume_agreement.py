@@ -1,7 +1,7 @@
 """Which checkpoint a resumed run restores, and whether the running engine can restore it: every
 process takes the main process's choice, and a DeepSpeed ZeRO checkpoint (one optimizer partition per
 process) needs DeepSpeed and as many processes as wrote it. The whole ZeRO kill-and-resume runs are in
-test_distributed.py (they need the deepspeed package)."""
+test_deepspeed.py."""
 
 from __future__ import annotations
 
