@@ -55,7 +55,8 @@ def simulate_full_disk(point: str, step: int | None = None) -> None:
     """Tests only: ``PREFOPT_TEST_ENOSPC=POINT`` (or ``POINT:STEP``) makes the write named ``point``
     fail as on a full disk: ``save:K`` (checkpoint K), ``metrics:K`` (the metrics row of step K),
     ``config`` (config.yaml), ``record`` (the run record), ``final`` (the final model), ``card``
-    (the model card), ``eval:N`` (the N-th result file of ``prefopt eval``). Never set in normal use."""
+    (the model card), ``eval:N`` (the N-th result file of ``prefopt eval``), ``partitionR:K`` (process
+    R's writes into DeepSpeed's checkpoint K: its ZeRO partition). Never set in normal use."""
     wanted = os.environ.get(FULL_DISK_ENV)
     if wanted and wanted in (point, f"{point}:{step}"):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))

@@ -256,9 +256,11 @@ def train(cfg: TrainConfig, *, model=None, tokenizer=None, ref_model=None, train
         raise ConfigError("a starting adapter needs use_peft: true")
     plan, accelerator, tokenizer = _start(cfg, model=model, tokenizer=tokenizer, train_dataset=train_dataset)
     options = cfg.loss_options()
-    train_pairs, eval_pairs, summaries = prepare_train_eval(cfg, tokenizer, train_data=train_dataset,
-                                                            eval_data=eval_dataset)
-    check_resume_data(cfg, plan, train_pairs)
+    # Every process reads the same data, so a bad row fails on all of them: settled, it is one line.
+    with together(accelerator):
+        train_pairs, eval_pairs, summaries = prepare_train_eval(cfg, tokenizer, train_data=train_dataset,
+                                                                eval_data=eval_dataset)
+        check_resume_data(cfg, plan, train_pairs)
     print_summaries(summaries, accelerator)
 
     # A precomputed reference replaces the live one: no second model is held for it.
@@ -311,12 +313,13 @@ def train_reward_model(cfg: TrainConfig, *, model=None, tokenizer=None, train_da
         raise ConfigError("use_peft is not supported for reward models: train the full model (use_peft: false)")
     plan, accelerator, tokenizer = _start(cfg, model=model, tokenizer=tokenizer, train_dataset=train_dataset)
     # ODPO's score policy does not apply: a reward model learns from every labelled pair.
-    train_pairs, eval_pairs, summaries = prepare_train_eval(cfg, tokenizer, train_data=train_dataset,
-                                                            eval_data=eval_dataset, score_policy=False)
-    check_resume_data(cfg, plan, train_pairs)
-    negative = check_margin_scores(train_pairs, cfg, summaries["train"]["source"])
-    if eval_pairs is not None:
-        check_margin_scores(eval_pairs, cfg, summaries["eval"]["source"])
+    with together(accelerator):  # a bad row: one line, as in train
+        train_pairs, eval_pairs, summaries = prepare_train_eval(cfg, tokenizer, train_data=train_dataset,
+                                                                eval_data=eval_dataset, score_policy=False)
+        check_resume_data(cfg, plan, train_pairs)
+        negative = check_margin_scores(train_pairs, cfg, summaries["train"]["source"])
+        if eval_pairs is not None:
+            check_margin_scores(eval_pairs, cfg, summaries["eval"]["source"])
     print_summaries(summaries, accelerator)
     if negative and accelerator.is_main_process:
         print(f"prefopt: train: {negative} pairs have score_chosen < score_rejected; their margin is 0",

@@ -30,6 +30,7 @@ from prefopt.training.checkpoint import list_checkpoints
 from prefopt.training.run_dir import RECORD_FILE
 from prefopt.training.run_lock import LOCK_FILE
 from tests.conftest import run_cli
+from tests.training.launch import torchrun_each_logged
 from tests.tree_snapshot import assert_unchanged
 from tests.tree_snapshot import tree_state as snapshot
 
@@ -373,41 +374,14 @@ def test_sigterm_from_outside_exits_143_and_resume_is_bit_identical(tiny_llama, 
 
 
 # ------------------------------------------------------------------------------------------ several processes
-def _torchrun(args: list[str], log_dir: Path, env_extra: dict, timeout: int = 240) -> tuple[dict[int, int], dict]:
-    """``torchrun --nproc_per_node 2`` on CPU (gloo), each process's stderr in its own file. Returns
-    ({rank: exit status}, {rank: stderr}). A hang fails the test at ``timeout`` (the whole process
-    group is killed) instead of blocking the suite."""
-    env = dict(os.environ, PYTHONPATH=SRC + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
-    for var in ("PREFOPT_TEST_KILL", "ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"):
-        env.pop(var, None)
-    env.update(env_extra)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "--log-dir", str(log_dir), "--redirects", "3", "-m", "prefopt", *args]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        _, launcher_err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        pytest.fail(f"the 2-process run did not end within {timeout} s (a process waits forever)")
-    errs = {int(p.parent.name): p.read_text() for p in log_dir.rglob("stderr.log")}
-    # torchrun reports each failed process as "rank : R (local_rank: R)" followed by "exitcode : N".
-    codes = {}
-    for block in launcher_err.split("rank      : ")[1:]:
-        rank = int(block.split()[0])
-        codes[rank] = int(block.split("exitcode  : ")[1].split()[0])
-    if proc.returncode == 0:
-        codes = {0: 0, 1: 0}
-    return codes, errs
-
-
 # (id, environment of the run, needles of the main process's one line). A metrics row failing on the main
 # process goes through the same settling (``Trainer.log_row``); it is left out to keep the suite short.
 MULTI_PROCESS_CASES = [
     ("disk_full_on_the_main_process_during_a_checkpoint", {"PREFOPT_TEST_ENOSPC": "save:2"},
      ["disk full", "checkpoint-2", "no checkpoint was written yet"]),
     ("output_dir_locked_by_another_run", {}, ["in use by another prefopt run", "--marker"]),
+    # Every process reads the data; the row is bad on all of them, and said once.
+    ("a_bad_row_in_the_dataset", {}, ["bad.jsonl", "line 3", "rejected"]),
 ]
 
 
@@ -427,10 +401,15 @@ def test_a_failure_on_the_main_process_stops_every_process_with_one_line(case, t
         holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(out), "--marker"], env=env,
                                   stdout=subprocess.PIPE, text=True)
         assert holder.stdout.readline().strip() == "locked"
+    if case_id == "a_bad_row_in_the_dataset":
+        rows = easy_preferences(8, seed=3)
+        del rows[2]["rejected"]
+        data = write_jsonl(tmp_path / "bad.jsonl", rows)
     before = snapshot(tmp_path)
     try:
-        codes, errs = _torchrun(train_argv(tiny_llama, data, out, "--per_device_train_batch_size", "2"),
-                                tmp_path / "logs", env_extra)
+        codes, errs = torchrun_each_logged(["-m", "prefopt", *train_argv(tiny_llama, data, out,
+                                                                         "--per_device_train_batch_size", "2")],
+                                           tmp_path / "logs", env_extra)
     finally:
         if holder is not None:
             holder.kill()
@@ -442,6 +421,8 @@ def test_a_failure_on_the_main_process_stops_every_process_with_one_line(case, t
     for needle in needles:
         assert needle in lines[0], (needle, lines[0])
     assert not [p for p in out.rglob("*") if p.name.startswith(".tmp")]  # no half-written checkpoint or model
+    if case_id == "a_bad_row_in_the_dataset":
+        assert not out.exists()  # refused before the output directory was made
     if holder is not None:  # nothing written into the locked directory
         assert_unchanged(before, out)
         assert sorted(p.name for p in out.iterdir()) == [LOCK_FILE]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -78,3 +79,33 @@ def assert_bit_identical(whole: Path, resumed: Path) -> None:
 
     rows = timeless(resumed / "metrics.jsonl")
     assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3] and rows == timeless(whole / "metrics.jsonl")
+
+
+def torchrun_each_logged(program: list, log_dir: Path, env_extra: dict, timeout: int = 240
+                         ) -> tuple[dict[int, int], dict[int, str]]:
+    """``torchrun --nproc_per_node 2 PROGRAM...`` on CPU (gloo) (``program``: ``["-m", "prefopt", ...]`` or
+    a script and its arguments), each process's stderr in its own file. Returns
+    ({rank: exit status}, {rank: stderr}). A hang fails the test at ``timeout`` (the whole process
+    group is killed) instead of blocking the suite."""
+    env = launch_env(**env_extra)
+    if "PREFOPT_TEST_KILL" not in env_extra:
+        env.pop("PREFOPT_TEST_KILL", None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "--log-dir", str(log_dir), "--redirects", "3", *map(str, program)]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        _, launcher_err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        pytest.fail(f"the 2-process run did not end within {timeout} s (a process waits forever)")
+    errs = {int(p.parent.name): p.read_text() for p in log_dir.rglob("stderr.log")}
+    # torchrun reports each failed process as "rank : R (local_rank: R)" followed by "exitcode : N".
+    codes = {}
+    for block in launcher_err.split("rank      : ")[1:]:
+        rank = int(block.split()[0])
+        codes[rank] = int(block.split("exitcode  : ")[1].split()[0])
+    if proc.returncode == 0:
+        codes = {0: 0, 1: 0}
+    return codes, errs

@@ -12,7 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.training.launch import assert_bit_identical, assert_same_run, torchrun, train_args
+from tests.training.launch import (
+    assert_bit_identical,
+    assert_same_run,
+    torchrun,
+    torchrun_each_logged,
+    train_args,
+)
 
 # Accelerate enables DeepSpeed only with GPUs (`cpu=True` skips it). DeepSpeed itself has a CPU
 # accelerator with gloo, so this launcher builds the Accelerator on CPU and switches it to DeepSpeed.
@@ -57,12 +63,15 @@ FORCED_DEEPSPEED = textwrap.dedent(
 ZERO_LAYOUTS = {2: (2, 2), 3: (4, 1)}
 
 
-def deepspeed_args(model, data, out, runs_dir, stage, **keys) -> list:
+def deepspeed_args(model, data, out, runs_dir, stage, *, debug: bool = True, **keys) -> list:
+    """The launcher script and ``prefopt train``'s arguments (``--debug``: tracebacks in the failures'
+    output, unless the test checks there is none)."""
     script = runs_dir / "forced_deepspeed.py"
     script.write_text(FORCED_DEEPSPEED)
     per_device, accumulation = ZERO_LAYOUTS[stage]
-    return [script, "--debug", *train_args(model, data, out, per_device_train_batch_size=per_device,
-                                           gradient_accumulation_steps=accumulation, **keys)]
+    return [script, *(["--debug"] if debug else []),
+            *train_args(model, data, out, per_device_train_batch_size=per_device,
+                        gradient_accumulation_steps=accumulation, **keys)]
 
 
 @pytest.fixture(scope="module")
@@ -135,3 +144,54 @@ def test_deepspeed_zero_stopped_and_resumed_ends_as_the_uninterrupted_run(zero_r
     assert f"{partitions[1]} does not match its sha256 checksum" in res.stderr, res.stderr[-3000:]
     assert f"resuming from {copy / 'checkpoint-1'}" in res.stderr
     assert_bit_identical(whole, copy)
+
+
+@pytest.mark.slow
+def test_a_full_disk_on_one_process_inside_the_zero_save_stops_every_process_with_one_line(
+        tiny_llama, easy_data, runs_dir, tmp_path):
+    """Process 1's write of its partition of checkpoint 2 fails as on a full disk, inside DeepSpeed's
+    save_checkpoint, while process 0 goes on into that function's collectives: both processes exit
+    with status 2, one line (from process 0) names the full disk, checkpoint 2 and the last intact
+    checkpoint, no traceback, no process is left waiting, no partial checkpoint remains, and
+    checkpoint 1 still lists both partitions."""
+    pytest.importorskip("deepspeed")
+    out = tmp_path / "out"
+    args = deepspeed_args(tiny_llama, easy_data["train"], out, runs_dir, 2, debug=False, save_steps=1)
+    codes, errs = torchrun_each_logged(args, tmp_path / "logs",
+                                       {"ZERO_STAGE": "2", "PREFOPT_TEST_ENOSPC": "partition1:2"})
+    assert codes == {0: 2, 1: 2}, (codes, errs)
+    assert not any("Traceback" in e for e in errs.values()), errs
+    lines = [line for e in errs.values() for line in e.splitlines() if line.startswith("prefopt: error:")]
+    assert len(lines) == 1 and lines[0] in errs[0], errs
+    for needle in ("disk full", "checkpoint-2", f"the last intact checkpoint is {out / 'checkpoint-1'}"):
+        assert needle in lines[0], (needle, lines[0], errs[1][-3000:])
+    assert sorted(p.name for p in out.iterdir() if "checkpoint" in p.name) == ["checkpoint-1"]
+    manifest = json.loads((out / "checkpoint-1" / "checkpoint.json").read_text())
+    assert sum(n.endswith("optim_states.pt") for n in manifest["files"]) == 2
+
+
+def test_deepspeeds_cpu_fallback_notice_is_dropped_and_its_other_messages_kept():
+    """Accelerate imports deepspeed on every save when it is installed, and on a machine without GPUs
+    deepspeed prints "Setting accelerator to CPU..." on stdout, between prefopt's lines (seen in
+    test_trackers.py's check of the run summary): prefopt drops that notice, and only that one."""
+    import logging
+
+    import prefopt.training.distributed  # noqa: F401 - installs the filter
+
+    seen = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            seen.append(record.getMessage())
+
+    logger = logging.getLogger("DeepSpeed")
+    handler, level = Keep(), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.WARNING)
+    try:
+        logger.warning("Setting accelerator to CPU. If you have GPU or other accelerator, we were unable to detect it.")
+        logger.warning("something else")
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    assert seen == ["something else"]

@@ -252,33 +252,41 @@ def save(trainer) -> Path:
     tmp_dir = trainer.output_dir / f"{TMP_PREFIX}checkpoint-{step}"
     run_dir = getattr(trainer, "run_dir", None)
     what = f"checkpoint-{step}"
+    # Only the main process removes the partial checkpoint (another process removing it would pull
+    # the directory from under the main process's writes), also when the failure was another's.
+    cleanup = tmp_dir if acc.is_main_process else None
     acc.wait_for_everyone()
-    with together(acc), write_errors(trainer.output_dir, what, cleanup=tmp_dir):
-        if acc.is_main_process:
-            if run_dir is not None:
-                run_dir.wrote(tmp_dir.name, final_dir.name)  # recorded before they exist
-            shutil.rmtree(tmp_dir, ignore_errors=True)
-            tmp_dir.mkdir(parents=True)
-    with together(acc), write_errors(trainer.output_dir, what, cleanup=tmp_dir):
-        torch.save(rng_state(), tmp_dir / f"rng_state_{acc.process_index}.pt")
-    state_dict = trainer.gather_model_state()  # a collective under FSDP / ZeRO-3: every process calls it
-    optimizer_state = trainer.gather_optimizer_state()  # a collective under FSDP2 (None: not sharded)
-    # Under DeepSpeed every process writes its ZeRO partition. DeepSpeed's save_checkpoint holds
-    # collectives of its own, so it cannot sit in a `together` block: a process whose write fails says so
-    # in one line and exits, and the launcher ends the others waiting in DeepSpeed's barrier.
-    with write_errors(trainer.output_dir, what, cleanup=tmp_dir):
-        trainer.save_engine_state(tmp_dir)
-    with together(acc), write_errors(trainer.output_dir, what, cleanup=tmp_dir):
-        if acc.is_main_process:
-            trainer.save_model(tmp_dir, state_dict)
-            torch.save(trainer.state_dict(optimizer_state), tmp_dir / STATE_FILE)
-            test_hook("save", step)
-            write_manifest(tmp_dir, step, {"data_fingerprint": getattr(trainer, "data_fingerprint", None),
-                                           "engine": engine_of(acc), "num_processes": acc.num_processes})
-            replace_dir(tmp_dir, final_dir)
-            prune_checkpoints(trainer.output_dir, trainer.cfg.save_total_limit)
-            if run_dir is not None:
-                run_dir.commit()  # the new run has a checkpoint: an earlier run moved aside can go
+    try:
+        with together(acc), write_errors(trainer.output_dir, what, cleanup=cleanup):
+            if acc.is_main_process:
+                if run_dir is not None:
+                    run_dir.wrote(tmp_dir.name, final_dir.name)  # recorded before they exist
+                shutil.rmtree(tmp_dir, ignore_errors=True)
+                tmp_dir.mkdir(parents=True)
+        with together(acc), write_errors(trainer.output_dir, what, cleanup=cleanup):
+            torch.save(rng_state(), tmp_dir / f"rng_state_{acc.process_index}.pt")
+        state_dict = trainer.gather_model_state()  # a collective under FSDP / ZeRO-3: every process calls it
+        optimizer_state = trainer.gather_optimizer_state()  # a collective under FSDP2 (None: not sharded)
+        # Under DeepSpeed every process writes its ZeRO partition. DeepSpeed's save_checkpoint holds
+        # collectives of its own; save_engine_state gets every process through them even when a write
+        # fails, and raises the failure after, so it can be settled like the writes around it.
+        with together(acc), write_errors(trainer.output_dir, what, cleanup=cleanup):
+            trainer.save_engine_state(tmp_dir)
+        with together(acc), write_errors(trainer.output_dir, what, cleanup=cleanup):
+            if acc.is_main_process:
+                trainer.save_model(tmp_dir, state_dict)
+                torch.save(trainer.state_dict(optimizer_state), tmp_dir / STATE_FILE)
+                test_hook("save", step)
+                write_manifest(tmp_dir, step, {"data_fingerprint": getattr(trainer, "data_fingerprint", None),
+                                               "engine": engine_of(acc), "num_processes": acc.num_processes})
+                replace_dir(tmp_dir, final_dir)
+                prune_checkpoints(trainer.output_dir, trainer.cfg.save_total_limit)
+                if run_dir is not None:
+                    run_dir.commit()  # the new run has a checkpoint: an earlier run moved aside can go
+    except BaseException:
+        if cleanup is not None:
+            shutil.rmtree(cleanup, ignore_errors=True)
+        raise
     return final_dir
 
 

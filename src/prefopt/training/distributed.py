@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import logging
 import os
 import sys
 from collections.abc import Iterator
@@ -22,6 +23,20 @@ from accelerate.utils import DistributedType
 
 from prefopt.errors import ConfigError, PrefoptError, SharedFailure
 from prefopt.modeling.peft import quantization_config
+
+
+class _NoCpuFallbackNotice(logging.Filter):
+    """Accelerate imports deepspeed whenever it is installed (``unwrap_model``, on every save), and
+    deepspeed's import then prints "Setting accelerator to CPU..." on stdout on a machine without
+    GPUs, in the middle of prefopt's output. The notice says nothing on a CPU run; every other
+    message of DeepSpeed's logger is kept. A filter on the logger itself survives DeepSpeed's own
+    setup of that logger when it is imported."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Setting accelerator to CPU" not in record.getMessage()
+
+
+logging.getLogger("DeepSpeed").addFilter(_NoCpuFallbackNotice())
 
 # What `accelerate launch --config_file X.yaml` puts in the environment of every process.
 _ENGINE_ENV = {"fsdp": "ACCELERATE_USE_FSDP", "deepspeed": "ACCELERATE_USE_DEEPSPEED"}

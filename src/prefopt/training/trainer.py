@@ -386,10 +386,30 @@ class Trainer:
         weights and moments; under ZeRO-3 the weights' partition too) with the engine's own
         ``save_checkpoint`` into ``directory/global_stepSTEP/``, beside the ``latest`` and
         ``zero_to_fp32.py`` files DeepSpeed users know. A collective: every process calls it. No-op
-        for the other engines, whose optimizer state goes into ``training_state.pt``."""
+        for the other engines, whose optimizer state goes into ``training_state.pt``.
+
+        ``save_checkpoint`` has collectives between its writes (barriers, the tag check), so a write
+        that failed on one process and raised there would leave the others waiting in the next one
+        for good. Its writes therefore go through ``_GuardedWrites``: a failed write is remembered,
+        the process's later writes are skipped, every process gets through every collective, and
+        the first failure is raised only once ``save_checkpoint`` has returned (the caller settles
+        it across processes). ``latest`` is written here rather than by DeepSpeed, for the same
+        reason (DeepSpeed writes it with a plain ``open`` before its last barrier)."""
         if engine_of(self.accelerator) != "deepspeed":
             return
-        self.model.save_checkpoint(str(directory), tag=self.engine_tag, client_state={}, save_latest=True)
+        engine = self.model
+        guard = _GuardedWrites(engine.checkpoint_engine, f"partition{self.accelerator.process_index}", self.step)
+        engine.checkpoint_engine = guard
+        engine._copy_recovery_script = guard.guarded(engine._copy_recovery_script)  # zero_to_fp32.py
+        try:
+            engine.save_checkpoint(str(directory), tag=self.engine_tag, client_state={}, save_latest=False)
+        finally:
+            engine.checkpoint_engine = guard.inner
+            del engine._copy_recovery_script
+        if guard.error is not None:
+            raise guard.error
+        if self.accelerator.is_main_process:
+            (directory / "latest").write_text(self.engine_tag)
 
     def load_engine_state(self, directory: Path, tag: str) -> None:
         """Under DeepSpeed: each process loads its own ZeRO partition (and the weights) from the
@@ -498,3 +518,34 @@ def _tied_twin(model: torch.nn.Module, name: str) -> str | None:
 def _grad_norm(params) -> float:
     norms = [p.grad.detach().float().norm() for p in params if p.grad is not None]
     return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
+
+
+class _GuardedWrites:
+    """DeepSpeed's checkpoint engine (``torch.save`` and ``makedirs``), remembering the first failed
+    write instead of raising it and skipping the writes after it (see ``Trainer.save_engine_state``).
+    ``test_point`` is this process's ``PREFOPT_TEST_ENOSPC`` name (``partitionR:STEP``)."""
+
+    def __init__(self, inner, test_point: str, step: int):
+        self.inner, self.test_point, self.step = inner, test_point, step
+        self.error: Exception | None = None
+
+    def guarded(self, write: Callable) -> Callable:
+        def call(*args, **kwargs):
+            if self.error is not None:
+                return None
+            try:
+                simulate_full_disk(self.test_point, self.step)
+                return write(*args, **kwargs)
+            except Exception as e:  # noqa: BLE001 - torch.save reports a full disk as a RuntimeError
+                self.error = e
+                return None
+        return call
+
+    def save(self, state_dict, path: str):
+        return self.guarded(self.inner.save)(state_dict, path)
+
+    def makedirs(self, path, exist_ok: bool = False):
+        return self.guarded(self.inner.makedirs)(path, exist_ok=exist_ok)
+
+    def __getattr__(self, name: str):  # create, commit, is_decoupled, ...: the engine's own
+        return getattr(self.inner, name)
