@@ -2,6 +2,7 @@
 empties it; a training run then reuses the store and prints the summary from it."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -20,6 +21,11 @@ def test_prepare_then_list_then_train_reuses_then_clear(tiny_llama, easy_data, t
     assert main(["prepare", *args, "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)["train"]
     assert summary["store"] == {"cache": "hit", "path": store} and summary["tokenization"]["pairs_kept"] == 64
+    # The manifest keeps the key's parts: they hash to the store's name.
+    from prefopt.data.store import MANIFEST, store_key
+
+    parts = json.loads((Path(store) / MANIFEST).read_text())["key_parts"]
+    assert store_key(parts) == Path(store).name and parts["settings"]["max_length"] is not None
 
     assert main(["cache", "list", "--data_cache_dir", str(cache)]) == 0
     listing = capsys.readouterr().out

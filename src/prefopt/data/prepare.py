@@ -111,8 +111,12 @@ def prepare_dataset(cfg, spec, split: str, tokenizer, *, score_policy: bool = Tr
     evaluation: ODPO's rule on score differences is no business of theirs)."""
     source = str(spec) if isinstance(spec, str | Path) else IN_MEMORY
 
+    parts = None
+
     def build(directory: Path) -> tuple[int, dict]:
-        return _build(cfg, spec, split, tokenizer, score_policy, directory)
+        num_pairs, manifest = _build(cfg, spec, split, tokenizer, score_policy, directory)
+        # The key's parts beside the pairs: what to compare when a run did not reuse a store.
+        return num_pairs, manifest if parts is None else {**manifest, "key_parts": parts}
 
     root = cache_root(cfg)
     data = source_fingerprint(spec, split, root / "digests") if cfg.data_cache else None
