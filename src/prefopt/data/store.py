@@ -247,17 +247,19 @@ class PairStore(Sequence):
         table = np.fromfile(self.path / LENGTHS_FILE, dtype=np.int32).reshape(-1, len(ID_COLUMNS))
         return table[:, 0], table[:, 1], table[:, 2]
 
-    def _column(self, k: int, dtype) -> np.ndarray:
+    def _column(self, name: str, dtype) -> np.ndarray:
+        """One of ``PER_PAIR_COLUMNS`` for every pair, gathered from the record batches."""
+        k = PER_PAIR_COLUMNS.index(name)
         parts = [_numpy(columns[k]) for columns in self._per_pair]
         return np.concatenate(parts).astype(dtype, copy=False) if parts else np.zeros(0, dtype=dtype)
 
     def indices(self) -> np.ndarray:
         """Every pair's ``index``."""
-        return self._column(2, np.int64) + self.index_offset
+        return self._column("index", np.int64) + self.index_offset
 
     def scores(self) -> tuple[np.ndarray, np.ndarray]:
         """``score_chosen`` and ``score_rejected`` of every pair (NaN where a pair has none)."""
-        return self._column(0, np.float64), self._column(1, np.float64)
+        return self._column("score_chosen", np.float64), self._column("score_rejected", np.float64)
 
 
 # ------------------------------------------------------------------------------------------------

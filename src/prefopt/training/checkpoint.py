@@ -253,26 +253,26 @@ def save(trainer) -> Path:
     run_dir = getattr(trainer, "run_dir", None)
     what = f"checkpoint-{step}"
     # Only the main process removes the partial checkpoint (another process removing it would pull
-    # the directory from under the main process's writes), also when the failure was another's.
-    cleanup = tmp_dir if acc.is_main_process else None
+    # the directory from under the main process's writes), also when the failure was another's; after
+    # write_errors has judged the free space, which removing it frees again.
     acc.wait_for_everyone()
     try:
-        with together(acc), write_errors(trainer.output_dir, what, cleanup=cleanup):
+        with together(acc), write_errors(trainer.output_dir, what):
             if acc.is_main_process:
                 if run_dir is not None:
                     run_dir.wrote(tmp_dir.name, final_dir.name)  # recorded before they exist
                 shutil.rmtree(tmp_dir, ignore_errors=True)
                 tmp_dir.mkdir(parents=True)
-        with together(acc), write_errors(trainer.output_dir, what, cleanup=cleanup):
+        with together(acc), write_errors(trainer.output_dir, what):
             torch.save(rng_state(), tmp_dir / f"rng_state_{acc.process_index}.pt")
         state_dict = trainer.gather_model_state()  # a collective under FSDP / ZeRO-3: every process calls it
         optimizer_state = trainer.gather_optimizer_state()  # a collective under FSDP2 (None: not sharded)
         # Under DeepSpeed every process writes its ZeRO partition. DeepSpeed's save_checkpoint holds
         # collectives of its own; save_engine_state gets every process through them even when a write
         # fails, and raises the failure after, so it can be settled like the writes around it.
-        with together(acc), write_errors(trainer.output_dir, what, cleanup=cleanup):
+        with together(acc), write_errors(trainer.output_dir, what):
             trainer.save_engine_state(tmp_dir)
-        with together(acc), write_errors(trainer.output_dir, what, cleanup=cleanup):
+        with together(acc), write_errors(trainer.output_dir, what):
             if acc.is_main_process:
                 trainer.save_model(tmp_dir, state_dict)
                 torch.save(trainer.state_dict(optimizer_state), tmp_dir / STATE_FILE)
@@ -284,8 +284,8 @@ def save(trainer) -> Path:
                 if run_dir is not None:
                     run_dir.commit()  # the new run has a checkpoint: an earlier run moved aside can go
     except BaseException:
-        if cleanup is not None:
-            shutil.rmtree(cleanup, ignore_errors=True)
+        if acc.is_main_process:
+            shutil.rmtree(tmp_dir, ignore_errors=True)
         raise
     return final_dir
 
